@@ -1,0 +1,287 @@
+"""HuggingFace <-> Flax: load BERT/DistilBERT checkpoints, export BERT/DistilBERT directories.
+
+One name table maps our parameter paths to both HuggingFace layouts. Reading and writing use
+safetensors and numpy only; torch is needed only to read a legacy `pytorch_model.bin`.
+"""
+
+import functools
+import json
+import os
+import pathlib
+import shutil
+
+import jax
+import numpy as np
+import safetensors.numpy
+from absl import logging
+from flax import linen as nn
+from flax import traverse_util
+
+from distil_jax import models
+
+_TOKENIZER_FILES = ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def _name_table(config: models.ModelConfig, layout: str) -> dict[tuple[str, ...], str]:
+  """Our parameter path -> its HuggingFace name, for layout "bert" or "distilbert"."""
+  bert = layout == "bert"
+  modules = {
+      "embeddings/word_embeddings": "embeddings.word_embeddings",
+      "embeddings/position_embeddings": "embeddings.position_embeddings",
+      "embeddings/norm": "embeddings.LayerNorm",
+      "mlm_head/transform": "cls.predictions.transform.dense" if bert else "vocab_transform",
+      "mlm_head/norm": "cls.predictions.transform.LayerNorm" if bert else "vocab_layer_norm",
+  }
+  if not config.is_distilbert:
+    modules["embeddings/token_type_embeddings"] = "embeddings.token_type_embeddings"
+  if bert:
+    layer = {"attention/query": "attention.self.query", "attention/key": "attention.self.key",
+             "attention/value": "attention.self.value", "attention/out": "attention.output.dense",
+             "attention_norm": "attention.output.LayerNorm", "fc1": "intermediate.dense",
+             "fc2": "output.dense", "mlp_norm": "output.LayerNorm"}
+  else:
+    layer = {"attention/query": "attention.q_lin", "attention/key": "attention.k_lin",
+             "attention/value": "attention.v_lin", "attention/out": "attention.out_lin",
+             "attention_norm": "sa_layer_norm", "fc1": "ffn.lin1", "fc2": "ffn.lin2",
+             "mlp_norm": "output_layer_norm"}
+  stack = "encoder.layer" if bert else "transformer.layer"
+  for i in range(config.num_layers):
+    modules.update({f"layer_{i}/{ours}": f"{stack}.{i}.{theirs}" for ours, theirs in layer.items()})
+  prefix = "bert." if bert else "distilbert."
+  leaves = {"embedding": "weight", "kernel": "weight", "scale": "weight", "bias": "bias"}
+  table = {}
+  for path, _ in traverse_util.flatten_dict(models.abstract_params(config)).items():
+    module, leaf = "/".join(path[:-1]), path[-1]
+    if module in modules:
+      name = modules[module]
+      name = name if name.startswith(("cls.", "vocab_")) else prefix + name
+      table[path] = f"{name}.{leaves[leaf]}"
+  table["mlm_head", "bias"] = "cls.predictions.bias" if bert else "vocab_projector.bias"
+  return table
+
+
+def _to_torch_layout(path: tuple[str, ...], x: np.ndarray) -> np.ndarray:
+  """Our array -> HuggingFace's: kernels [*in, *out] become Linear weights [out, in]."""
+  if path[-1] != "kernel":
+    return x.reshape(-1) if x.ndim == 2 and path[-1] == "bias" else x
+  n_in = 2 if path[-2] == "out" else 1
+  return x.reshape(int(np.prod(x.shape[:n_in])), -1).T
+
+
+def to_hf_state_dict(config: models.ModelConfig, params: dict, layout: str) -> dict:
+  """Flax params -> a HuggingFace state dict (numpy, float32) in `layout` "bert"/"distilbert"."""
+  flat = traverse_util.flatten_dict(params)
+  return {name: np.ascontiguousarray(_to_torch_layout(path, np.asarray(flat[path], np.float32)))
+          for path, name in _name_table(config, layout).items()}
+
+
+def read_config(directory: pathlib.Path) -> tuple[models.ModelConfig, str]:
+  path = directory / "config.json"
+  if not path.is_file():
+    raise FileNotFoundError(
+        f"{path} not found: a HuggingFace checkpoint directory needs config.json "
+        "(save one with model.save_pretrained(DIR))")
+  try:
+    hf = json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path} is not valid JSON ({e}): re-download or re-export it") from e
+  kind = hf.get("model_type")
+  if kind == "bert":
+    unsupported = {"position_embedding_type": ("absolute", None), "is_decoder": (False, None),
+                   "hidden_act": ("gelu",)}
+    for key, allowed in unsupported.items():
+      if hf.get(key) not in allowed:
+        raise ValueError(
+            f"{path}: {key}={hf.get(key)!r} is not supported (only {allowed[0]!r}): "
+            "use a standard BERT checkpoint")
+    config = models.ModelConfig(
+        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+        num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
+        intermediate_size=hf["intermediate_size"],
+        max_positions=hf["max_position_embeddings"], type_vocab_size=hf["type_vocab_size"],
+        layer_norm_eps=hf["layer_norm_eps"], hidden_dropout=hf["hidden_dropout_prob"],
+        attention_dropout=hf["attention_probs_dropout_prob"], pad_token_id=hf.get(
+            "pad_token_id") or 0)
+    return config, "bert"
+  if kind == "distilbert":
+    if hf.get("activation", "gelu") != "gelu":
+      raise ValueError(f"{path}: activation={hf['activation']!r} is not supported (only "
+                       "'gelu'): use a standard DistilBERT checkpoint")
+    # A sinusoidal table is stored in the checkpoint like a learned one; it is loaded as is.
+    config = models.ModelConfig(
+        vocab_size=hf["vocab_size"], hidden_size=hf["dim"], num_layers=hf["n_layers"],
+        num_heads=hf["n_heads"], intermediate_size=hf["hidden_dim"],
+        max_positions=hf["max_position_embeddings"], type_vocab_size=0,
+        layer_norm_eps=1e-12, hidden_dropout=hf["dropout"],
+        attention_dropout=hf["attention_dropout"], pad_token_id=hf.get("pad_token_id") or 0)
+    return config, "distilbert"
+  raise ValueError(
+      f"{path}: model_type={kind!r} is not a BERT or DistilBERT checkpoint: "
+      "distil_jax loads only model_type 'bert' or 'distilbert'")
+
+
+def _read_weights(directory: pathlib.Path) -> dict[str, np.ndarray]:
+  shards = sorted(directory.glob("model*.safetensors"))
+  if shards:
+    state = {}
+    for shard in shards:
+      try:
+        state.update(safetensors.numpy.load_file(shard))
+      except Exception as e:
+        raise ValueError(f"{shard} is not a readable safetensors file ({e}): "
+                         "re-download or re-export the checkpoint") from e
+    return state
+  path = directory / "pytorch_model.bin"
+  if not path.is_file():
+    raise FileNotFoundError(
+        f"no model.safetensors or pytorch_model.bin in {directory}: "
+        "point to a directory written by save_pretrained")
+  import torch  # Only legacy checkpoints need torch.
+  return {k: v.float().numpy() for k, v in torch.load(path, weights_only=True).items()}
+
+
+def _canonical_names(state: dict, layout: str) -> dict:
+  """Old BERT checkpoints name LayerNorm params gamma/beta and may lack the model prefix."""
+  prefix = "bert." if layout == "bert" else "distilbert."
+  heads = ("cls.", "vocab_")
+  out = {}
+  for name, x in state.items():
+    name = name.replace("LayerNorm.gamma", "LayerNorm.weight").replace(
+        "LayerNorm.beta", "LayerNorm.bias")
+    if not name.startswith((prefix, *heads)):
+      name = prefix + name
+    out[name] = x
+  if "cls.predictions.decoder.bias" in out and "cls.predictions.bias" not in out:
+    out["cls.predictions.bias"] = out["cls.predictions.decoder.bias"]
+  return out
+
+
+def from_hf_state_dict(config: models.ModelConfig, state: dict, layout: str, *,
+                       source: str = "checkpoint", seed: int = 0) -> dict:
+  """A HuggingFace state dict -> Flax params. A missing MLM head is freshly initialised."""
+  table = _name_table(config, layout)
+  shapes = traverse_util.flatten_dict(nn.meta.unbox(models.abstract_params(config)))
+  missing = sorted(name for name in table.values() if name not in state)
+  head = {name for path, name in table.items() if path[0] == "mlm_head"}
+  flat = {}
+  if missing and set(missing) <= head:
+    logging.warning("%s has no MLM head (a %s encoder checkpoint): the MLM head is newly "
+                    "initialised; adapt it by MLM training (experiments/teacher_mlm.py) "
+                    "before distilling.", source, layout)
+    fresh = models.init_params(config, seed)
+    flat = {path: np.asarray(x) for path, x in traverse_util.flatten_dict(fresh).items()}
+  elif missing:
+    raise ValueError(f"{source} lacks {len(missing)} weights, e.g. {missing[0]}: it does not "
+                     "match its config.json; re-export the checkpoint")
+  for path, name in table.items():
+    if name not in state:
+      continue
+    expected = jax.eval_shape(functools.partial(_to_torch_layout, path), shapes[path]).shape
+    if state[name].shape != expected:
+      raise ValueError(f"{source}: {name} has shape {state[name].shape}, config.json implies "
+                       f"{expected}: the weights and config.json disagree")
+    x = np.asarray(state[name], np.float32)
+    flat[path] = (x.T if path[-1] == "kernel" else x).reshape(shapes[path].shape)
+  return traverse_util.unflatten_dict(flat)
+
+
+def _resolve(path_or_name: str | os.PathLike) -> pathlib.Path:
+  """A local directory as is; otherwise a HuggingFace hub name, downloaded (TPU VMs)."""
+  path = pathlib.Path(path_or_name).expanduser()
+  if path.is_dir():
+    return path
+  if path.exists() or str(path_or_name).startswith((".", "/", "~")):
+    raise FileNotFoundError(f"{path_or_name} is not a checkpoint directory: pass a directory "
+                            "holding config.json and model.safetensors, or a hub name")
+  import huggingface_hub
+  try:
+    return pathlib.Path(huggingface_hub.snapshot_download(
+        str(path_or_name), allow_patterns=["*.json", "*.safetensors", "vocab.txt"]))
+  except Exception as e:
+    raise FileNotFoundError(
+        f"{path_or_name!r} is neither a local directory nor a reachable HuggingFace hub model "
+        f"({type(e).__name__}): pass a local checkpoint directory") from e
+
+
+def load_bert(path_or_name: str | os.PathLike, seed: int = 0
+              ) -> tuple[models.ModelConfig, dict]:
+  """Loads a BERT (or DistilBERT) checkpoint: a local HF directory or a hub name.
+
+  Returns (config, params) with numpy float32 params in our layout. A checkpoint without an MLM
+  head (e.g. `BertModel`) gets a freshly initialised head (seeded by `seed`), said in one line.
+  """
+  directory = _resolve(path_or_name)
+  config, layout = read_config(directory)
+  state = _canonical_names(_read_weights(directory), layout)
+  return config, from_hf_state_dict(config, state, layout, source=str(directory), seed=seed)
+
+
+def _hf_config(config: models.ModelConfig) -> dict:
+  if config.is_distilbert:
+    if config.layer_norm_eps != 1e-12:
+      raise ValueError(f"DistilBERT fixes LayerNorm eps at 1e-12, this model uses "
+                       f"{config.layer_norm_eps}: export it as BERT instead")
+    return {"architectures": ["DistilBertForMaskedLM"], "model_type": "distilbert",
+            "vocab_size": config.vocab_size, "dim": config.hidden_size,
+            "n_layers": config.num_layers, "n_heads": config.num_heads,
+            "hidden_dim": config.intermediate_size,
+            "max_position_embeddings": config.max_positions, "sinusoidal_pos_embds": False,
+            "dropout": config.hidden_dropout, "attention_dropout": config.attention_dropout,
+            "activation": "gelu", "initializer_range": 0.02, "qa_dropout": 0.1,
+            "seq_classif_dropout": 0.2, "pad_token_id": config.pad_token_id,
+            "tie_word_embeddings": True}
+  return {"architectures": ["BertForMaskedLM"], "model_type": "bert",
+          "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
+          "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_heads,
+          "intermediate_size": config.intermediate_size, "hidden_act": "gelu",
+          "max_position_embeddings": config.max_positions,
+          "type_vocab_size": config.type_vocab_size, "layer_norm_eps": config.layer_norm_eps,
+          "hidden_dropout_prob": config.hidden_dropout,
+          "attention_probs_dropout_prob": config.attention_dropout, "initializer_range": 0.02,
+          "position_embedding_type": "absolute", "pad_token_id": config.pad_token_id,
+          "tie_word_embeddings": True}
+
+
+def copy_tokenizer(tokenizer_dir: pathlib.Path, out_dir: pathlib.Path) -> None:
+  """Copies the tokenizer files; tokenizer.json is re-saved with padding/truncation off."""
+  if not (tokenizer_dir / "vocab.txt").is_file():
+    raise FileNotFoundError(f"{tokenizer_dir / 'vocab.txt'} not found: pass the directory of "
+                            "the teacher's tokenizer as tokenizer_dir")
+  for name in _TOKENIZER_FILES:
+    if (tokenizer_dir / name).is_file():
+      shutil.copyfile(tokenizer_dir / name, out_dir / name)
+  if (tokenizer_dir / "tokenizer.json").is_file():
+    import tokenizers
+    tokenizer = tokenizers.Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    tokenizer.save(str(out_dir / "tokenizer.json"))
+
+
+def export_hf(config: models.ModelConfig, params: dict, out_dir: str | os.PathLike,
+              tokenizer_dir: str | os.PathLike | None = None) -> pathlib.Path:
+  """Writes a HuggingFace directory: DistilBertForMaskedLM for a student, BertForMaskedLM for a
+  BERT. No torch needed. Refuses to overwrite a directory that holds a different model."""
+  out = pathlib.Path(out_dir)
+  weights = out / "model.safetensors"
+  if weights.exists() and not (out / "config.json").exists():
+    raise FileExistsError(f"{out} holds model.safetensors without config.json: "
+                          "choose an empty output directory")
+  out.mkdir(parents=True, exist_ok=True)
+  layout = "distilbert" if config.is_distilbert else "bert"
+  safetensors.numpy.save_file(to_hf_state_dict(config, params, layout), str(weights),
+                              metadata={"format": "pt"})
+  (out / "config.json").write_text(json.dumps(_hf_config(config), indent=2) + "\n")
+  if tokenizer_dir is not None:
+    copy_tokenizer(pathlib.Path(tokenizer_dir), out)
+  return out
+
+
+def export_distilbert(student_config: models.ModelConfig, student_params: dict,
+                      out_dir: str | os.PathLike,
+                      tokenizer_dir: str | os.PathLike | None = None) -> pathlib.Path:
+  """Exports a student as a HuggingFace DistilBertForMaskedLM directory."""
+  if not student_config.is_distilbert:
+    raise ValueError("export_distilbert needs a student (type_vocab_size=0); this is a BERT "
+                     "with token-type embeddings: use export_hf to write a BertForMaskedLM")
+  return export_hf(student_config, student_params, out_dir, tokenizer_dir)

@@ -1,0 +1,222 @@
+"""The transformer encoder: BERT (teacher) and DistilBERT (student) from one Flax module.
+
+Both are post-LayerNorm encoders with exact (erf) GELU and a tied MLM head, as in HuggingFace.
+A config with `type_vocab_size=0` is a DistilBERT: no token-type embeddings (there is never a
+pooler). Every parameter carries logical axis names (`vocab`, `embed`, `mlp`, `heads`, `kv`) so
+that `distil_jax.sharding` maps them onto a device mesh by rules.
+"""
+
+import dataclasses
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Shape and numerics of an encoder. `type_vocab_size=0` makes it a DistilBERT."""
+  vocab_size: int
+  hidden_size: int
+  num_layers: int
+  num_heads: int
+  intermediate_size: int
+  max_positions: int = 512
+  type_vocab_size: int = 2
+  layer_norm_eps: float = 1e-12
+  hidden_dropout: float = 0.1
+  attention_dropout: float = 0.1
+  pad_token_id: int = 0
+  dtype: str = "float32"  # Compute dtype ("bfloat16" on TPU); softmax and norms stay float32.
+  param_dtype: str = "float32"
+
+  def __post_init__(self):
+    if self.hidden_size % self.num_heads:
+      raise ValueError(
+          f"hidden size {self.hidden_size} is not divisible by the number of attention heads "
+          f"{self.num_heads}: choose a head count that divides it")
+    for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+                 "max_positions"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"model config: {name} must be positive, got {getattr(self, name)}")
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_heads
+
+  @property
+  def is_distilbert(self) -> bool:
+    return self.type_vocab_size == 0
+
+
+# Shapes of the public checkpoints, for parameter counts and the paper's recipe.
+PRESETS = {
+    "bert-base-uncased": ModelConfig(vocab_size=30522, hidden_size=768, num_layers=12,
+                                     num_heads=12, intermediate_size=3072),
+    "distilbert-base-uncased": ModelConfig(vocab_size=30522, hidden_size=768, num_layers=6,
+                                           num_heads=12, intermediate_size=3072,
+                                           type_vocab_size=0),
+}
+
+
+class EncoderOutput(NamedTuple):
+  """MLM logits ([batch, seq or k, vocab], float32) and the output of the embeddings and of
+  every layer ([batch, seq, hidden] each; `hidden_states[-1]` is the last layer's)."""
+  logits: Array
+  hidden_states: tuple[Array, ...]
+
+
+def _init(names: Sequence[str | None], init: nn.initializers.Initializer | None = None):
+  return nn.with_logical_partitioning(init or nn.initializers.normal(0.02), tuple(names))
+
+
+def _zeros(names: Sequence[str | None]):
+  return nn.with_logical_partitioning(nn.initializers.zeros_init(), tuple(names))
+
+
+def _layer_norm(config: ModelConfig, name: str) -> nn.LayerNorm:
+  return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=config.dtype,
+                      param_dtype=config.param_dtype, name=name,
+                      scale_init=_init(("embed",), nn.initializers.ones_init()),
+                      bias_init=_zeros(("embed",)))
+
+
+def _dense(config: ModelConfig, features, axes: Sequence[str | None], name: str, axis=-1):
+  """Dense layer whose kernel has logical `axes` (input axes, then output axes)."""
+  n_in = 1 if isinstance(axis, int) else len(axis)
+  return nn.DenseGeneral(features, axis=axis, dtype=config.dtype,
+                         param_dtype=config.param_dtype, name=name,
+                         kernel_init=_init(axes), bias_init=_zeros(axes[n_in:]))
+
+
+def _gelu(x: Array) -> Array:
+  return nn.gelu(x, approximate=False)  # HuggingFace "gelu" is the exact erf form.
+
+
+class Embeddings(nn.Module):
+  """Word + position (+ token-type) embeddings, then LayerNorm and dropout."""
+  config: ModelConfig
+
+  def setup(self):
+    c = self.config
+    embed = lambda n, names: nn.Embed(n, c.hidden_size, dtype=c.dtype, param_dtype=c.param_dtype,
+                                      embedding_init=_init(names))
+    self.word_embeddings = embed(c.vocab_size, ("vocab", "embed"))
+    self.position_embeddings = embed(c.max_positions, (None, "embed"))
+    if not c.is_distilbert:
+      self.token_type_embeddings = embed(c.type_vocab_size, (None, "embed"))
+    self.norm = _layer_norm(c, "norm")
+    self.dropout = nn.Dropout(c.hidden_dropout)
+
+  def __call__(self, input_ids: Array, token_type_ids: Array | None, deterministic: bool):
+    x = self.word_embeddings(input_ids) + self.position_embeddings(
+        jnp.arange(input_ids.shape[-1]))
+    if not self.config.is_distilbert:
+      if token_type_ids is None:
+        token_type_ids = jnp.zeros_like(input_ids)
+      x = x + self.token_type_embeddings(token_type_ids)
+    return self.dropout(self.norm(x), deterministic=deterministic)
+
+  def attend(self, x: Array) -> Array:
+    """Projects hidden states onto the word embeddings (the tied MLM decoder)."""
+    return self.word_embeddings.attend(x)
+
+
+class SelfAttention(nn.Module):
+  """Multi-head self-attention with padding masked out; softmax in float32."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: Array, attention_mask: Array, deterministic: bool) -> Array:
+    c = self.config
+    heads = (c.num_heads, c.head_dim)
+    q, k, v = (_dense(c, heads, ("embed", "heads", "kv"), name)(x)
+               for name in ("query", "key", "value"))
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / np.sqrt(c.head_dim)
+    keep = attention_mask[:, None, None, :].astype(bool)
+    scores = jnp.where(keep, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    probs = nn.Dropout(c.attention_dropout)(probs, deterministic=deterministic)
+    out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+    return _dense(c, c.hidden_size, ("heads", "kv", "embed"), "out", axis=(-2, -1))(out)
+
+
+class EncoderLayer(nn.Module):
+  """Post-LN transformer block: x = LN(x + attn(x)); x = LN(x + mlp(x))."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: Array, attention_mask: Array, deterministic: bool) -> Array:
+    c = self.config
+    dropout = lambda y: nn.Dropout(c.hidden_dropout)(y, deterministic=deterministic)
+    x = _layer_norm(c, "attention_norm")(
+        x + dropout(SelfAttention(c, name="attention")(x, attention_mask, deterministic)))
+    h = _gelu(_dense(c, c.intermediate_size, ("embed", "mlp"), "fc1")(x))
+    h = _dense(c, c.hidden_size, ("mlp", "embed"), "fc2")(h)
+    return _layer_norm(c, "mlp_norm")(x + dropout(h))
+
+
+class MlmHead(nn.Module):
+  """dense + GELU + LayerNorm, then the decoder tied to the word embeddings, plus a bias."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: Array, embeddings: Embeddings) -> Array:
+    c = self.config
+    # The transform is square; its output axis is named "mlp" so it shards like a hidden axis.
+    x = _gelu(_dense(c, c.hidden_size, ("embed", "mlp"), "transform")(x))
+    x = _layer_norm(c, "norm")(x)
+    bias = self.param("bias", _zeros(("vocab",)), (c.vocab_size,), c.param_dtype)
+    return embeddings.attend(x).astype(jnp.float32) + bias.astype(jnp.float32)
+
+
+class Encoder(nn.Module):
+  """BERT or DistilBERT with its MLM head.
+
+  `logit_positions` ([batch, k] indices) computes the MLM logits only at those positions: the
+  vocabulary projection dominates a small model's FLOPs, and the losses often need only the
+  masked positions.
+  """
+  config: ModelConfig
+
+  def setup(self):
+    self.embeddings = Embeddings(self.config)
+    self.layers = [EncoderLayer(self.config, name=f"layer_{i}")
+                   for i in range(self.config.num_layers)]
+    self.mlm_head = MlmHead(self.config)
+
+  def __call__(self, input_ids: Array, attention_mask: Array, token_type_ids: Array | None = None,
+               *, logit_positions: Array | None = None, deterministic: bool = True
+               ) -> EncoderOutput:
+    x = self.embeddings(input_ids, token_type_ids, deterministic)
+    hidden_states = [x]
+    for layer in self.layers:
+      x = layer(x, attention_mask, deterministic)
+      hidden_states.append(x)
+    if logit_positions is not None:
+      x = jnp.take_along_axis(x, logit_positions[..., None], axis=1)
+    return EncoderOutput(self.mlm_head(x, self.embeddings), tuple(hidden_states))
+
+
+def abstract_params(config: ModelConfig) -> dict:
+  """Shapes of the parameters, with their logical axis names (`nn.LogicallyPartitioned` leaves)."""
+  ids = jnp.zeros((1, 1), jnp.int32)
+  return jax.eval_shape(lambda: Encoder(config).init(jax.random.key(0), ids, ids))["params"]
+
+
+def init_params(config: ModelConfig, seed: int = 0) -> dict:
+  """Randomly initialised parameters (BERT's init: normal(0.02), zero biases, unit LN scales)."""
+  ids = jnp.zeros((1, 1), jnp.int32)
+  init = jax.jit(lambda key: nn.meta.unbox(Encoder(config).init(key, ids, ids)["params"]))
+  return init(jax.random.key(seed))
+
+
+def count_params(config: ModelConfig) -> int:
+  """Number of parameters (the tied decoder counted once, as HuggingFace does)."""
+  leaves = jax.tree.leaves(nn.meta.unbox(abstract_params(config)))
+  return sum(int(np.prod(x.shape)) for x in leaves)

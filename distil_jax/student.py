@@ -1,0 +1,38 @@
+"""A DistilBERT student initialised from its BERT teacher, the paper's way."""
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+from distil_jax import models
+
+
+def every_other_layer(num_teacher_layers: int, num_student_layers: int) -> list[int]:
+  """Teacher layers spread evenly, first and last included: 12 -> 6 gives 0, 2, 4, 7, 9, 11."""
+  return [int(i) for i in np.round(np.linspace(0, num_teacher_layers - 1, num_student_layers))]
+
+
+def student_from_teacher(config: models.ModelConfig, params: dict, layers: Sequence[int],
+                         fold_token_type: bool = True) -> tuple[models.ModelConfig, dict]:
+  """Builds a student (no token-type embeddings) from teacher `layers`, in order.
+
+  Word and position embeddings, the embedding LayerNorm and the whole MLM head are copied.
+  With `fold_token_type`, the teacher's token-type-0 vector is added to the position table, so
+  the student's embedding output equals the teacher's (on token-type-0 inputs) at init.
+  """
+  layers = list(layers)
+  bad = [i for i in layers if not 0 <= i < config.num_layers]
+  if not layers or bad:
+    raise ValueError(f"student layers {layers} must name teacher layers 0..{config.num_layers - 1}"
+                     f" (the teacher has {config.num_layers}): fix distill.student_layers")
+  student_config = dataclasses.replace(config, num_layers=len(layers), type_vocab_size=0)
+  embeddings = {k: v for k, v in params["embeddings"].items() if k != "token_type_embeddings"}
+  if fold_token_type and not config.is_distilbert:
+    token_type_0 = np.asarray(params["embeddings"]["token_type_embeddings"]["embedding"][0])
+    positions = np.asarray(embeddings["position_embeddings"]["embedding"])
+    embeddings["position_embeddings"] = {"embedding": positions + token_type_0}
+  student = {"embeddings": embeddings, "mlm_head": params["mlm_head"]}
+  for i, teacher_layer in enumerate(layers):
+    student[f"layer_{i}"] = params[f"layer_{teacher_layer}"]
+  return student_config, student
