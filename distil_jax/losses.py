@@ -1,0 +1,146 @@
+"""Distillation losses of DistilBERT (Sanh et al., 2019; arXiv 1910.01108).
+
+Pure functions of arrays, computed in float32 whatever the input dtype. Hyper-parameters may be
+Python floats or (traced) jax scalars, so the whole step can be vmapped over a sweep of them.
+Masks select the positions a loss averages over; selecting none gives 0, not NaN.
+"""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.typing import ArrayLike
+
+IGNORE_INDEX = -100  # Label of the positions the MLM loss skips, as in PyTorch.
+
+
+class LossWeights(NamedTuple):
+  """Softmax temperature and loss weights; the defaults are the original recipe's."""
+  temperature: ArrayLike = 2.0
+  alpha_ce: ArrayLike = 5.0
+  alpha_mlm: ArrayLike = 2.0
+  alpha_cos: ArrayLike = 1.0
+  alpha_mse: ArrayLike = 0.0
+
+
+DEFAULT_WEIGHTS = LossWeights()
+
+
+class Outputs(NamedTuple):
+  """What the losses need from one model's forward pass."""
+  logits: jax.Array  # [batch, k, vocab]: at all positions (k = seq) or at gathered ones.
+  hidden: jax.Array | None = None  # [batch, seq, dim]: last hidden states.
+
+
+def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
+  """Mean of `values` over the entries where `mask` is true; 0 when there are none."""
+  mask = mask.astype(bool)
+  return jnp.sum(jnp.where(mask, values, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
+
+
+def kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, mask: jax.Array,
+            temperature: ArrayLike) -> jax.Array:
+  """KL(softmax(t / T) || softmax(s / T)) * T², averaged over the positions where `mask` is true.
+
+  Equals `KLDivLoss(reduction="batchmean")(log_softmax(s / T), softmax(t / T)) * T**2` on the
+  selected rows. The teacher side carries no gradient.
+  """
+  student_logp = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature)
+  teacher_logp = jax.nn.log_softmax(
+      jax.lax.stop_gradient(teacher_logits).astype(jnp.float32) / temperature)
+  kl = jnp.sum(jnp.exp(teacher_logp) * (teacher_logp - student_logp), axis=-1)
+  return _masked_mean(kl, mask) * temperature**2
+
+
+def mlm_loss(student_logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Mean cross-entropy over the positions whose label is not `IGNORE_INDEX`."""
+  valid = labels != IGNORE_INDEX
+  nll = optax.softmax_cross_entropy_with_integer_labels(
+      student_logits.astype(jnp.float32), jnp.where(valid, labels, 0))
+  return _masked_mean(nll, valid)
+
+
+def cosine_loss(student_hidden: jax.Array, teacher_hidden: jax.Array, mask: jax.Array,
+                eps: float = 1e-12) -> jax.Array:
+  """Mean of 1 - cos(h_s, h_t) over the positions where `mask` is true.
+
+  Equals `CosineEmbeddingLoss()` with target 1 on the selected rows, including its `eps` added to
+  the squared norms, which keeps zero vectors (and their gradients) finite.
+  """
+  if student_hidden.shape[-1] != teacher_hidden.shape[-1]:
+    raise ValueError(
+        f"cosine loss needs equal hidden sizes, got student {student_hidden.shape[-1]} and "
+        f"teacher {teacher_hidden.shape[-1]}: set distill.project_student_hidden=True to learn "
+        "a linear projection")
+  s = student_hidden.astype(jnp.float32)
+  t = jax.lax.stop_gradient(teacher_hidden).astype(jnp.float32)
+  norms = jnp.sqrt((jnp.sum(s * s, axis=-1) + eps) * (jnp.sum(t * t, axis=-1) + eps))
+  return _masked_mean(1.0 - jnp.sum(s * t, axis=-1) / norms, mask)
+
+
+def mse_loss(student_logits: jax.Array, teacher_logits: jax.Array, mask: jax.Array) -> jax.Array:
+  """Squared error summed over the vocabulary, averaged over the positions where `mask` is true.
+
+  Equals `MSELoss(reduction="sum")(s, t) / s.size(0)` on the selected rows.
+  """
+  diff = student_logits.astype(jnp.float32) - jax.lax.stop_gradient(teacher_logits).astype(
+      jnp.float32)
+  return _masked_mean(jnp.sum(diff * diff, axis=-1), mask)
+
+
+def _top1_hits(logits: jax.Array, targets: jax.Array, mask: jax.Array
+               ) -> tuple[jax.Array, jax.Array]:
+  """Number of positions where `mask` is true and argmax(logits) == targets, and of positions."""
+  mask = mask.astype(bool)
+  hits = jnp.sum(mask & (jnp.argmax(logits, axis=-1) == targets))
+  return hits.astype(jnp.float32), jnp.sum(mask).astype(jnp.float32)
+
+
+def masked_accuracy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Top-1 (correct, count) over the positions whose label is not `IGNORE_INDEX`.
+
+  Counts rather than a mean, so that evaluation can sum them over batches.
+  """
+  return _top1_hits(logits, labels, labels != IGNORE_INDEX)
+
+
+def top1_agreement(student_logits: jax.Array, teacher_logits: jax.Array,
+                   mask: jax.Array) -> jax.Array:
+  """Fraction of the positions where `mask` is true at which the two argmaxes agree; 0 if none."""
+  hits, count = _top1_hits(student_logits, jnp.argmax(teacher_logits, axis=-1), mask)
+  return hits / jnp.maximum(count, 1.0)
+
+
+def distillation_loss(student: Outputs, teacher: Outputs | None, labels: jax.Array,
+                      logits_mask: jax.Array, hidden_mask: jax.Array,
+                      weights: LossWeights = DEFAULT_WEIGHTS
+                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """alpha_ce * L_ce + alpha_mlm * L_mlm + alpha_cos * L_cos + alpha_mse * L_mse, and its parts.
+
+  Args:
+    student: student outputs; `hidden` is only needed with a teacher.
+    teacher: teacher outputs at the same positions, or None for MLM-only training, where the
+      total is the unweighted MLM loss.
+    labels: [batch, k] MLM labels at the logits' positions, `IGNORE_INDEX` where not predicted.
+    logits_mask: [batch, k] positions of the logits that L_ce and L_mse average over (the
+      attention mask, or the validity of gathered positions).
+    hidden_mask: [batch, seq] positions of the hidden states that L_cos averages over (the
+      attention mask).
+    weights: temperature and alphas; leaves may be jax scalars.
+
+  Returns:
+    (total, metrics) where metrics holds the total ("loss") and every part ("loss_ce", ...).
+  """
+  l_mlm = mlm_loss(student.logits, labels)
+  if teacher is None:
+    return l_mlm, {"loss": l_mlm, "loss_mlm": l_mlm}
+  parts = {
+      "loss_ce": kd_loss(student.logits, teacher.logits, logits_mask, weights.temperature),
+      "loss_mlm": l_mlm,
+      "loss_cos": cosine_loss(student.hidden, teacher.hidden, hidden_mask),
+      "loss_mse": mse_loss(student.logits, teacher.logits, logits_mask),
+  }
+  total = (weights.alpha_ce * parts["loss_ce"] + weights.alpha_mlm * parts["loss_mlm"]
+           + weights.alpha_cos * parts["loss_cos"] + weights.alpha_mse * parts["loss_mse"])
+  return total, {"loss": total, **parts}
