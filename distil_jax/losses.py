@@ -121,7 +121,7 @@ def distillation_loss(student: Outputs, teacher: Outputs | None, labels: jax.Arr
   Args:
     student: student outputs; `hidden` is only needed with a teacher.
     teacher: teacher outputs at the same positions, or None for MLM-only training, where the
-      total is the unweighted MLM loss.
+      total is alpha_mlm * L_mlm.
     labels: [batch, k] MLM labels at the logits' positions, `IGNORE_INDEX` where not predicted.
     logits_mask: [batch, k] positions of the logits that L_ce and L_mse average over (the
       attention mask, or the validity of gathered positions).
@@ -134,7 +134,8 @@ def distillation_loss(student: Outputs, teacher: Outputs | None, labels: jax.Arr
   """
   l_mlm = mlm_loss(student.logits, labels)
   if teacher is None:
-    return l_mlm, {"loss": l_mlm, "loss_mlm": l_mlm}
+    total = weights.alpha_mlm * l_mlm
+    return total, {"loss": total, "loss_mlm": l_mlm}
   parts = {
       "loss_ce": kd_loss(student.logits, teacher.logits, logits_mask, weights.temperature),
       "loss_mlm": l_mlm,

@@ -214,11 +214,13 @@ def test_distillation_loss_on_gathered_positions(data):
   _close(total, expected)
 
 
-def test_distillation_loss_without_teacher_is_mlm(data):
+def test_distillation_loss_without_teacher_is_weighted_mlm(data):
   total, metrics = losses.distillation_loss(
-      losses.Outputs(data["s"]), None, data["labels"], data["attention"], data["attention"])
-  _close(total, losses.mlm_loss(data["s"], data["labels"]))
-  assert metrics == {"loss": total, "loss_mlm": total}
+      losses.Outputs(data["s"]), None, data["labels"], data["attention"], data["attention"],
+      losses.LossWeights(alpha_mlm=3.0))
+  _close(metrics["loss_mlm"], losses.mlm_loss(data["s"], data["labels"]))
+  _close(total, 3.0 * metrics["loss_mlm"])
+  assert sorted(metrics) == ["loss", "loss_mlm"]
 
 
 def test_alpha_ce_zero_ignores_the_teacher_logits(data):

@@ -1,0 +1,232 @@
+"""The optimizer, the train state, and the train and eval steps of teacher and student together.
+
+`train_step` is a pure function of (state, teacher params, batch, loss weights): the loss weights
+and temperature are arrays, so a sweep is `jax.vmap` over a stacked state and stacked weights.
+With no teacher it trains the student on the MLM loss alone (how a teacher is adapted).
+"""
+
+import dataclasses
+import functools
+import math
+import re
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import traverse_util
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from distil_jax import losses, models, sharding
+
+PyTree = dict
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  """What the step computes, fixed at compile time."""
+  student: models.ModelConfig
+  teacher: models.ModelConfig | None  # None: MLM-only training of `student`.
+  restrict_ce_to_mask: bool = False  # L_ce on masked positions only (default: all real tokens).
+  gather_logits: bool = True  # Vocabulary projection only where the losses need logits.
+  max_predictions: int = 20  # Masked positions per sequence that the gather keeps.
+  accum_steps: int = 1  # Micro-batches per update.
+  seed: int = 0  # Dropout randomness: fold_in(key(seed), step).
+
+
+def max_predictions(seq_len: int, mask_prob: float) -> int:
+  """Enough gathered positions per sequence for the masking rate, with room for its spread."""
+  return min(seq_len, math.ceil(1.5 * mask_prob * seq_len) + 4)
+
+
+def make_optimizer(*, total_steps: int, lr_peak: float, warmup_steps: int, b1: float = 0.9,
+                   b2: float = 0.98, eps: float = 1e-6, weight_decay: float = 0.0,
+                   clip_norm: float = 5.0, frozen: Sequence[str] = ()
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW with linear warmup then linear decay to 0, global-norm clipping, and no weight decay
+  on biases and LayerNorm. Parameters whose path ("student/embeddings/...") matches a regex in
+  `frozen` are not updated and get no optimizer state."""
+  schedule = optax.join_schedules(
+      [optax.linear_schedule(0.0, lr_peak, max(warmup_steps, 1)),
+       optax.linear_schedule(lr_peak, 0.0, max(total_steps - warmup_steps, 1))], [warmup_steps])
+  decay_mask = lambda params: traverse_util.path_aware_map(
+      lambda path, _: path[-1] in ("kernel", "embedding"), params)
+  train = optax.chain(optax.clip_by_global_norm(clip_norm),
+                      optax.adamw(schedule, b1, b2, eps, weight_decay=weight_decay,
+                                  mask=decay_mask))
+  is_frozen = lambda path: any(re.search(pattern, "/".join(path)) for pattern in frozen)
+  labels = lambda params: traverse_util.path_aware_map(
+      lambda path, _: "frozen" if is_frozen(path) else "train", params)
+  return optax.multi_transform({"train": train, "frozen": optax.set_to_zero()}, labels), schedule
+
+
+def init_projection(student_hidden: int, teacher_hidden: int, seed: int = 0) -> PyTree:
+  """A linear map of student hidden states onto the teacher's, for L_cos across sizes."""
+  kernel = jax.nn.initializers.lecun_normal()(jax.random.key(seed),
+                                              (student_hidden, teacher_hidden))
+  return {"kernel": kernel, "bias": jnp.zeros((teacher_hidden,))}
+
+
+def init_state(params: PyTree, tx: optax.GradientTransformation) -> PyTree:
+  """The train state: {"step", "params": {"student", ["projection"]}, "opt_state"}."""
+  return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+
+def create_state(params: PyTree, tx: optax.GradientTransformation, param_shardings: PyTree,
+                 mesh: Mesh) -> tuple[PyTree, PyTree]:
+  """The state created already sharded: eval_shape, then a jitted init with out_shardings.
+
+  `params` are host arrays, the same on every process. Returns (state, its shardings).
+  """
+  abstract = jax.eval_shape(functools.partial(init_state, tx=tx), params)
+  shardings = {"step": NamedSharding(mesh, P()), "params": param_shardings,
+               "opt_state": sharding.follow_params(abstract["opt_state"], param_shardings, mesh)}
+  init = jax.jit(functools.partial(init_state, tx=tx), out_shardings=shardings,
+                 donate_argnums=0)
+  return init(sharding.put(params, param_shardings)), shardings
+
+
+def _logit_targets(config: StepConfig, batch: PyTree):
+  """Where the logits are needed: (positions or None, their validity mask, their labels)."""
+  labels = batch["labels"]
+  masked = labels != losses.IGNORE_INDEX
+  needs_all = config.teacher is not None and not config.restrict_ce_to_mask
+  if needs_all or not config.gather_logits:
+    return None, (batch["attention_mask"] > 0) if needs_all else masked, labels
+  positions = jnp.argsort(~masked, axis=-1, stable=True)[:, :config.max_predictions]
+  valid = jnp.take_along_axis(masked, positions, axis=-1)
+  return positions, valid, jnp.where(valid, jnp.take_along_axis(labels, positions, axis=-1),
+                                     losses.IGNORE_INDEX)
+
+
+def _counts(config: StepConfig, batch: PyTree) -> dict[str, jax.Array]:
+  """Positions each loss part averages over, to weight micro-batches exactly."""
+  _, valid, labels = _logit_targets(config, batch)
+  count = lambda x: jnp.sum(x).astype(jnp.float32)
+  n_ce = count(valid)
+  return {"loss_ce": n_ce, "loss_mse": n_ce, "loss_mlm": count(labels != losses.IGNORE_INDEX),
+          "loss_cos": count(batch["attention_mask"] > 0)}
+
+
+def _forward(config: StepConfig, params: PyTree, teacher_params: PyTree | None, batch: PyTree,
+             rng: jax.Array | None):
+  """Student (and teacher) outputs at the positions the losses need."""
+  positions, valid, labels = _logit_targets(config, batch)
+  ids, mask = batch["input_ids"], batch["attention_mask"]
+  dropout = {} if rng is None else {"rngs": {"dropout": rng}}
+  out = models.Encoder(config.student).apply(
+      {"params": params["student"]}, ids, mask, logit_positions=positions,
+      deterministic=rng is None, **dropout)
+  hidden = out.hidden_states[-1]
+  if "projection" in params:
+    hidden = hidden @ params["projection"]["kernel"] + params["projection"]["bias"]
+  student = losses.Outputs(out.logits, hidden)
+  teacher = None
+  if config.teacher is not None:
+    t = models.Encoder(config.teacher).apply({"params": teacher_params}, ids, mask,
+                                             logit_positions=positions)
+    teacher = jax.lax.stop_gradient(losses.Outputs(t.logits, t.hidden_states[-1]))
+  return student, teacher, valid, labels
+
+
+def _micro_loss(params, teacher_params, batch, weights, totals, rng, config):
+  """A micro-batch's share of the full batch's loss, and its metrics as sums."""
+  student, teacher, valid, labels = _forward(config, params, teacher_params, batch, rng)
+  frac = {k: n / jnp.maximum(totals[k], 1.0) for k, n in _counts(config, batch).items()}
+  scaled = weights._replace(**{f"alpha_{part}": getattr(weights, f"alpha_{part}") * frac[
+      f"loss_{part}"] for part in ("ce", "mlm", "cos", "mse")})
+  total, parts = losses.distillation_loss(student, teacher, labels, valid,
+                                          batch["attention_mask"], scaled)
+  metrics = {k: v * frac[k] for k, v in parts.items() if k != "loss"}
+  metrics["loss"] = total
+  metrics["student_correct"], metrics["masked"] = losses.masked_accuracy(student.logits, labels)
+  if teacher is not None:
+    metrics["teacher_correct"], _ = losses.masked_accuracy(teacher.logits, labels)
+  metrics["tokens"] = jnp.sum(batch["attention_mask"] > 0).astype(jnp.float32)
+  return total, metrics
+
+
+def train_step(state: PyTree, teacher_params: PyTree | None, batch: PyTree,
+               weights: losses.LossWeights, *, config: StepConfig,
+               tx: optax.GradientTransformation, mesh: Mesh | None = None
+               ) -> tuple[PyTree, dict[str, jax.Array]]:
+  """One update on `batch` ([accum_steps * micro, seq] arrays), split into micro-batches.
+
+  Micro-batch losses are weighted by their share of each loss part's positions, so the update
+  equals the one on the whole batch at once.
+  """
+  def split(x):  # Row r goes to micro-batch r % k, so each micro-batch spans every device.
+    x = x.reshape(-1, config.accum_steps, *x.shape[1:]).swapaxes(0, 1)
+    if mesh is None:
+      return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(None, sharding.BATCH_AXES)))
+
+  totals = _counts(config, batch)
+  micro = jax.tree.map(split, batch)
+  step_rng = jax.random.fold_in(jax.random.key(config.seed), state["step"])
+  grad_fn = jax.grad(functools.partial(_micro_loss, config=config), has_aux=True)
+
+  def accumulate(carry, xs):
+    micro_batch, i = xs
+    grads, metrics = grad_fn(state["params"], teacher_params, micro_batch, weights, totals,
+                             jax.random.fold_in(step_rng, i))
+    return jax.tree.map(jnp.add, carry, (grads, metrics)), None
+
+  zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+      grad_fn, state["params"], teacher_params, jax.tree.map(lambda x: x[0], micro), weights,
+      totals, step_rng))
+  (grads, metrics), _ = jax.lax.scan(accumulate, zeros,
+                                     (micro, jnp.arange(config.accum_steps)))
+  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  new_state = {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
+               "opt_state": opt_state}
+  metrics["grad_norm"] = optax.global_norm(grads)
+  metrics["student_accuracy"] = metrics.pop("student_correct") / jnp.maximum(metrics["masked"], 1)
+  if "teacher_correct" in metrics:
+    metrics["teacher_accuracy"] = metrics.pop("teacher_correct") / jnp.maximum(
+        metrics["masked"], 1)
+  return new_state, metrics
+
+
+def eval_step(params: PyTree, teacher_params: PyTree | None, batch: PyTree, *,
+              config: StepConfig) -> dict[str, jax.Array]:
+  """Sums over a batch's masked positions: NLL and correct predictions of student (and teacher),
+  and teacher-student top-1 agreement and KL at T=1. `summarize_eval` turns them into metrics."""
+  eval_config = dataclasses.replace(config, restrict_ce_to_mask=True, gather_logits=True)
+  student, teacher, valid, labels = _forward(eval_config, params, teacher_params, batch, None)
+  correct, count = losses.masked_accuracy(student.logits, labels)
+  sums = {"count": count, "student_correct": correct,
+          "student_nll": losses.mlm_loss(student.logits, labels) * count}
+  if teacher is not None:
+    sums["teacher_correct"], _ = losses.masked_accuracy(teacher.logits, labels)
+    sums["teacher_nll"] = losses.mlm_loss(teacher.logits, labels) * count
+    sums["agreement"] = losses.top1_agreement(student.logits, teacher.logits, valid) * count
+    sums["kl"] = losses.kd_loss(student.logits, teacher.logits, valid, 1.0) * count
+  return sums
+
+
+def summarize_eval(sums: dict[str, float]) -> dict[str, float]:
+  """Eval sums accumulated over batches -> accuracy, perplexity, agreement and KL."""
+  n = max(float(sums["count"]), 1.0)
+  out = {"eval_loss": sums["student_nll"] / n,
+         "student_accuracy": sums["student_correct"] / n,
+         "student_perplexity": math.exp(min(sums["student_nll"] / n, 50.0))}
+  if "teacher_nll" in sums:
+    out.update({"teacher_accuracy": sums["teacher_correct"] / n,
+                "teacher_perplexity": math.exp(min(sums["teacher_nll"] / n, 50.0)),
+                "agreement": sums["agreement"] / n, "kl_t1": sums["kl"] / n})
+  return out
+
+
+def jit_steps(config: StepConfig, tx: optax.GradientTransformation, mesh: Mesh,
+              state_shardings: PyTree, teacher_shardings: PyTree | None):
+  """The train and eval steps compiled with their shardings; the train state is donated."""
+  batch, replicated = sharding.batch_sharding(mesh), NamedSharding(mesh, P())
+  train = jax.jit(functools.partial(train_step, config=config, tx=tx, mesh=mesh),
+                  in_shardings=(state_shardings, teacher_shardings, batch, replicated),
+                  out_shardings=(state_shardings, replicated), donate_argnums=0)
+  evaluate = jax.jit(functools.partial(eval_step, config=config),
+                     in_shardings=(state_shardings["params"], teacher_shardings, batch),
+                     out_shardings=replicated)
+  return train, evaluate

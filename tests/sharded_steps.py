@@ -1,0 +1,51 @@
+"""Runs 3 train steps on several meshes of 8 fake CPU devices; writes losses, params, shardings.
+
+Run by tests/test_sharding.py in a subprocess, since the device count is fixed at jax import.
+"""
+
+import json
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+
+import jax
+import numpy as np
+import optax
+from flax import traverse_util
+from helpers import random_batch, setup
+
+from distil_jax import losses, sharding
+
+MESHES = {"single": (1, 1, 1), "data8": (8, 1, 1), "data2_fsdp4": (2, 4, 1),
+          "data2_fsdp2_tensor2": (2, 2, 2)}
+
+
+def main(out_dir: str) -> None:
+  assert jax.device_count() == 8
+  batch = random_batch(16, seed=7)
+  specs = {}
+  for name, shape in MESHES.items():
+    devices = jax.devices()[:int(np.prod(shape))]
+    # SGD, not Adam: Adam's first updates are ±lr whatever the gradient's size, which turns
+    # rounding noise in zero-gradient parameters (the attention key bias) into full steps.
+    run = setup(mesh=sharding.make_mesh(shape, devices=devices), accum_steps=2,
+                tx=optax.sgd(0.05))
+    state, step_losses = run["state"], []
+    for _ in range(3):
+      state, metrics = run["train"](state, run["teacher"], batch, losses.LossWeights())
+      step_losses.append(float(metrics["loss"]))
+    flat = traverse_util.flatten_dict(state["params"]["student"], sep="/")
+    np.savez(os.path.join(out_dir, f"{name}.npz"), losses=step_losses,
+             **{k: np.asarray(v) for k, v in flat.items()})
+    specs[name] = {k: [list(a) if isinstance(a, tuple) else a for a in v.sharding.spec]
+                   for k, v in flat.items()}
+    specs[name]["teacher_query"] = list(run["teacher"]["layer_0"]["attention"]["query"][
+        "kernel"].sharding.spec)
+    specs[name]["replicated"] = [v.sharding.is_fully_replicated for v in flat.values()]
+  with open(os.path.join(out_dir, "specs.json"), "w") as f:
+    json.dump(specs, f)
+
+
+if __name__ == "__main__":
+  main(sys.argv[1])
