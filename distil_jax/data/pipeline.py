@@ -1,0 +1,177 @@
+"""Endless masked train batches and fixed eval batches; each process reads its own shard.
+
+Per source, the first `eval_examples` documents (split between sources by size) are held out for
+eval; every process reads all of them. Process i of n tokenizes and reads only the i-th of n
+contiguous slices of the remaining documents, so that together the processes see every train
+sequence once per epoch. Token counts (for mlm_smoothing) and bucket sizes are summed over
+processes, so every process masks with the same weights and pads step k to the same length.
+"""
+
+import functools
+import itertools
+import os
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+import tokenizers
+from absl import logging
+from jax.experimental import multihost_utils
+
+from distil_jax.data import files
+from distil_jax.data.masking import mask_tokens, smoothed_token_weights
+from distil_jax.data.sequences import Sequences, make_sequences, split_by_length
+from distil_jax.data.sources import open_documents
+from distil_jax.data.tokens import TokenIds, load_tokenizer, special_ids, tokenize
+
+Batch = dict[str, np.ndarray]
+_TRAIN_MASKS, _EVAL_MASKS = 0, 1  # Independent random streams for masking.
+
+
+class Datasets(NamedTuple):
+  train: grain.DatasetIterator  # Endless process-local batches; get_state() / set_state(state).
+  eval: tuple[Batch, ...]  # Fixed process-local batches, the last padded with empty rows.
+  train_sequences: int  # Process-local train sequences per epoch.
+  train_tokens: int  # Their tokens, [CLS] and [SEP] included.
+
+
+def make_datasets(config: ml_collections.ConfigDict, tokenizer_dir: str | os.PathLike,
+                  vocab_size: int) -> Datasets:
+  """Train and eval batches of `config` (see `default_data_config`) for this process.
+
+  Batches map "input_ids", "attention_mask" and "labels" to int32 arrays of shape
+  [batch_size // process_count, length], length = max_len (or a bucket length for train).
+  Padding has id 0 ([PAD]) and attention_mask 0; labels are -100 where nothing is predicted.
+  Every process must call it: it sums token counts and bucket sizes over processes.
+  """
+  process_index, process_count = jax.process_index(), jax.process_count()
+  bucket_lengths = _check(config, process_count)
+  tokenizer = load_tokenizer(tokenizer_dir, vocab_size)
+  special = special_ids(tokenizer)
+  train_ids, eval_ids = _token_ids(config, tokenizer, process_index, process_count)
+  cut = functools.partial(make_sequences, max_len=config.max_len, min_len=config.min_len,
+                          pack=config.pack, cls_id=special.cls, sep_id=special.sep)
+  train, eval_sequences = cut(train_ids), cut(eval_ids)
+  if not len(train):
+    raise ValueError(f"no train sequence of at least min_len={config.min_len} tokens on process "
+                     f"{process_index}: add documents or lower config.data.min_len")
+  buckets = split_by_length(train, bucket_lengths)
+  totals = _sum_over_processes(np.concatenate([train_ids.counts, [len(b) for b in buckets]]))
+  token_counts, bucket_sizes = totals[:vocab_size], totals[vocab_size:]
+  logging.info("Process %d/%d: %d train sequences (%d tokens), %d eval sequences.", process_index,
+               process_count, len(train), train.lengths.sum(), len(eval_sequences))
+
+  masked = functools.partial(
+      _masked, vocab_size=vocab_size, special_ids=special, mask_id=special.mask,
+      mask_prob=config.mask_prob, mask_token_frac=config.mask_token_frac,
+      random_token_frac=config.random_token_frac,
+      token_weights=smoothed_token_weights(token_counts, config.mlm_smoothing))
+  local_batch = config.batch_size // process_count
+  train_batches = _train_batches(buckets, bucket_lengths, bucket_sizes, local_batch, config.seed,
+                                 special.pad, process_index)
+  train_batches = train_batches.map_with_index(functools.partial(
+      masked, rng_seed=_stream_seed(config.seed, _TRAIN_MASKS, process_index)))
+  read_options = grain.ReadOptions(num_threads=config.read_threads,
+                                   prefetch_buffer_size=2 * config.read_threads)
+  eval_masked = functools.partial(masked, rng_seed=_stream_seed(config.seed, _EVAL_MASKS))
+  eval_batches = _eval_batches(eval_sequences, config.batch_size, config.max_len, special.pad,
+                               eval_masked)
+  rows = slice(process_index * local_batch, (process_index + 1) * local_batch)
+  return Datasets(
+      train=iter(train_batches.to_iter_dataset(read_options)),
+      eval=tuple({name: array[rows] for name, array in batch.items()} for batch in eval_batches),
+      train_sequences=len(train),
+      train_tokens=int(train.lengths.sum()))
+
+
+def global_batch(local_batch: Batch, sharding: jax.sharding.NamedSharding) -> dict[str, jax.Array]:
+  """The global batch whose rows are the process-local batches of all processes, in order."""
+  return {name: jax.make_array_from_process_local_data(sharding, array)
+          for name, array in local_batch.items()}
+
+
+def _check(config: ml_collections.ConfigDict, process_count: int) -> tuple[int, ...]:
+  """Validates `config`; returns the bucket lengths, max_len last."""
+  if config.batch_size % process_count:
+    raise ValueError(f"config.data.batch_size={config.batch_size} is not divisible by the "
+                     f"{process_count} processes: make it a multiple of {process_count}")
+  if not 3 <= config.min_len <= config.max_len:
+    raise ValueError(f"config.data.min_len={config.min_len} must lie in [3, max_len="
+                     f"{config.max_len}]: change min_len")
+  bucket_lengths = (*config.bucket, config.max_len)
+  if any(not short < long for short, long in itertools.pairwise(bucket_lengths)):
+    raise ValueError(f"config.data.bucket={config.bucket} must ascend below max_len="
+                     f"{config.max_len}: fix the bucket lengths")
+  return bucket_lengths
+
+
+def _token_ids(config: ml_collections.ConfigDict, tokenizer: tokenizers.Tokenizer,
+               process_index: int, process_count: int) -> tuple[TokenIds, TokenIds]:
+  """Token ids of this process's train documents and of all eval documents.
+
+  Of each source, the first documents (eval_examples in all, split by source size) are for eval,
+  and the rest is cut into process_count contiguous slices.
+  """
+  data_dir = files.local_dir(config.data_dir)
+  documents = [open_documents(source, data_dir, config.tfds_data_dir) for source in config.sources]
+  sizes = np.array([len(d) for d in documents])
+  if not 0 <= config.eval_examples < sizes.sum():
+    raise ValueError(f"config.data.eval_examples={config.eval_examples} leaves no train document "
+                     f"of {sizes.sum()}: lower eval_examples")
+  eval_sizes = np.diff(config.eval_examples * np.cumsum(sizes) // sizes.sum(), prepend=0)
+  eval_parts = [(d, 0, int(e)) for d, e in zip(documents, eval_sizes, strict=True)]
+  train_parts = [(d, int(e + (n - e) * process_index // process_count),
+                  int(e + (n - e) * (process_index + 1) // process_count))
+                 for d, n, e in zip(documents, sizes, eval_sizes, strict=True)]
+  return (tokenize(train_parts, tokenizer, data_dir / "token_ids"),
+          tokenize(eval_parts, tokenizer, data_dir / "token_ids"))
+
+
+def _train_batches(buckets: Sequence[Sequences], bucket_lengths: Sequence[int],
+                   bucket_sizes: np.ndarray, local_batch: int, seed: int, pad_id: int,
+                   process_index: int) -> grain.MapDataset:
+  """Endless batches: each bucket reshuffled every epoch, buckets mixed by their global sizes."""
+  per_bucket = []
+  for sequences, length, size in zip(buckets, bucket_lengths, bucket_sizes, strict=True):
+    if size and not len(sequences):
+      raise ValueError(f"bucket {length} has no sequence on process {process_index}: use fewer "
+                       "lengths in config.data.bucket")
+    if size:
+      per_bucket.append(grain.MapDataset.range(len(sequences)).shuffle(seed).repeat()
+                        .batch(local_batch)
+                        .map(functools.partial(sequences.padded, length=length, pad_id=pad_id)))
+  return grain.MapDataset.mix(per_bucket, weights=[float(s) for s in bucket_sizes if s])
+
+
+def _eval_batches(sequences: Sequences, batch_size: int, max_len: int, pad_id: int,
+                  masked: Callable[[int, tuple[np.ndarray, np.ndarray]], Batch]) -> list[Batch]:
+  """Global eval batches in corpus order, the last one completed with empty rows."""
+  num_rows = -(-len(sequences) // batch_size) * batch_size
+  ids = np.full((num_rows, max_len), pad_id, np.int32)
+  lengths = np.zeros(num_rows, np.int32)
+  ids[:len(sequences)], lengths[:len(sequences)] = sequences.padded(
+      np.arange(len(sequences)), max_len, pad_id)
+  return [masked(step, (ids[start:start + batch_size], lengths[start:start + batch_size]))
+          for step, start in enumerate(range(0, num_rows, batch_size))]
+
+
+def _masked(step: int, ids_and_lengths: tuple[np.ndarray, np.ndarray], *, rng_seed: int,
+            **mask_options) -> Batch:
+  ids, lengths = ids_and_lengths
+  attention_mask = (np.arange(ids.shape[1]) < lengths[:, None]).astype(np.int32)
+  input_ids, labels = mask_tokens(ids, attention_mask, rng_seed=rng_seed, step=step,
+                                  **mask_options)
+  return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def _stream_seed(*keys: int) -> int:
+  """A seed for the random stream named by `keys`, independent of other keys' streams."""
+  return int(np.random.SeedSequence(keys).generate_state(1)[0])
+
+
+def _sum_over_processes(values: np.ndarray) -> np.ndarray:
+  """`values` summed over all processes, identical on each of them."""
+  return np.sum(multihost_utils.process_allgather(values.astype(np.float32)), axis=0)

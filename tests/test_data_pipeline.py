@@ -1,0 +1,201 @@
+"""End to end on a written corpus: batches, epochs, restarts, eval, buckets, two processes.
+
+Run as a script, this file is one process of the two-process test.
+"""
+
+import collections
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from distil_jax import resources
+from distil_jax.data import default_data_config, global_batch, load_tokenizer, make_datasets
+
+CLS, SEP, PAD = 101, 102, 0
+VOCAB = 30522
+MAX_LEN, MIN_LEN, BATCH = 32, 12, 8
+
+
+def _documents() -> list[str]:
+  """80 Wikipedia lead sections on one line each."""
+  extracts = json.loads(resources.wiki_offline_json().read_text()).values()
+  return [" ".join(extract["extract"].split()) for extract in list(extracts)[:80]]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> pathlib.Path:
+  """Two sources: 50 documents in a text file and 30 in a JSON-lines file."""
+  directory = tmp_path_factory.mktemp("corpus")
+  (directory / "wiki.txt").write_text("\n".join(_documents()[:50]))
+  (directory / "wiki.jsonl").write_text("\n".join(json.dumps({"body": text})
+                                                  for text in _documents()[50:]))
+  return directory
+
+
+def _config(corpus: pathlib.Path, workdir: pathlib.Path, **overrides):
+  config = default_data_config()
+  config.update({"sources": (f"text:{corpus}/*.txt", f"jsonl:{corpus}/*.jsonl:body"),
+                 "data_dir": str(workdir), "max_len": MAX_LEN, "min_len": MIN_LEN,
+                 "batch_size": BATCH, "eval_examples": 6, **overrides})
+  return config
+
+
+def _reference_sequences() -> collections.Counter:
+  """[CLS] chunk [SEP] for chunks of MAX_LEN - 2 tokens of each document, the short ones dropped."""
+  tokenizer = load_tokenizer(resources.minilm_dir())
+  sequences = collections.Counter()
+  for document in _documents():
+    ids = tokenizer.encode(document, add_special_tokens=False).ids
+    for start in range(0, len(ids), MAX_LEN - 2):
+      chunk = ids[start:start + MAX_LEN - 2]
+      if len(chunk) + 2 >= MIN_LEN:
+        sequences[(CLS, *chunk, SEP)] += 1
+  return sequences
+
+
+def _unmasked_rows(batch) -> list[tuple[int, ...]]:
+  ids = np.where(batch["labels"] >= 0, batch["labels"], batch["input_ids"])
+  return [tuple(row[mask == 1].tolist()) for row, mask in zip(ids, batch["attention_mask"],
+                                                              strict=True)]
+
+
+def _epoch(datasets, epochs: int = 1) -> list[tuple[int, ...]]:
+  """The first `epochs` epochs of this process's train rows, unmasked."""
+  rows = []
+  while len(rows) < epochs * datasets.train_sequences:
+    rows += _unmasked_rows(next(datasets.train))
+  return rows[:epochs * datasets.train_sequences]
+
+
+def test_batches_are_masked_bert_inputs(corpus, tmp_path):
+  datasets = make_datasets(_config(corpus, tmp_path), resources.minilm_dir(), VOCAB)
+  for batch in [next(datasets.train) for _ in range(20)] + list(datasets.eval):
+    assert {name: (a.shape, a.dtype) for name, a in batch.items()} == dict.fromkeys(
+        ("input_ids", "attention_mask", "labels"), ((BATCH, MAX_LEN), np.int32))
+    lengths = batch["attention_mask"].sum(axis=1)
+    np.testing.assert_array_equal(batch["attention_mask"], np.arange(MAX_LEN) < lengths[:, None])
+    real = lengths > 0  # Only the last eval batch has empty rows.
+    assert (batch["input_ids"][real, 0] == CLS).all()
+    assert (batch["input_ids"][real, lengths[real] - 1] == SEP).all()
+    assert (batch["input_ids"][batch["attention_mask"] == 0] == PAD).all()
+    chosen = batch["labels"] != -100
+    assert not np.isin(batch["labels"][chosen], (PAD, 100, CLS, SEP, 103)).any()
+    assert chosen.sum() == -(-15 * (lengths[real] - 2).sum() // 100)  # No [UNK] in this text.
+
+
+def test_train_and_eval_hold_every_sequence_once_and_epochs_reshuffle(corpus, tmp_path):
+  datasets = make_datasets(_config(corpus, tmp_path), resources.minilm_dir(), VOCAB)
+  rows = _epoch(datasets, epochs=2)
+  first, second = rows[:datasets.train_sequences], rows[datasets.train_sequences:]
+  eval_rows = [row for batch in datasets.eval for row in _unmasked_rows(batch) if row]
+  assert collections.Counter(first) + collections.Counter(eval_rows) == _reference_sequences()
+  assert collections.Counter(second) == collections.Counter(first) and second != first
+
+
+def test_restart_from_state_continues_with_the_same_batches(corpus, tmp_path):
+  config = _config(corpus, tmp_path, mlm_smoothing=0.0)
+  train = make_datasets(config, resources.minilm_dir(), VOCAB).train
+  for _ in range(7):
+    next(train)
+  state = json.dumps(train.get_state())
+  expected = [next(train) for _ in range(3)]
+  restarted = make_datasets(config, resources.minilm_dir(), VOCAB).train
+  restarted.set_state(json.loads(state))
+  for batch, again in zip(expected, [next(restarted) for _ in range(3)], strict=True):
+    for name in batch:
+      np.testing.assert_array_equal(batch[name], again[name])
+
+
+def test_eval_batches_are_fixed_and_differ_by_seed(corpus, tmp_path):
+  first = make_datasets(_config(corpus, tmp_path), resources.minilm_dir(), VOCAB).eval
+  second = make_datasets(_config(corpus, tmp_path), resources.minilm_dir(), VOCAB).eval
+  other_seed = make_datasets(_config(corpus, tmp_path, seed=1), resources.minilm_dir(), VOCAB).eval
+  assert len(first) == len(second) > 1
+  for a, b, c in zip(first, second, other_seed, strict=True):
+    np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
+    np.testing.assert_array_equal(a["labels"], b["labels"])
+    np.testing.assert_array_equal(a["attention_mask"], c["attention_mask"])
+  assert any((a["labels"] != c["labels"]).any() for a, c in zip(first, other_seed, strict=True))
+
+
+def test_buckets_pad_to_the_smallest_length_that_fits(corpus, tmp_path):
+  datasets = make_datasets(_config(corpus, tmp_path, bucket=(16,)), resources.minilm_dir(), VOCAB)
+  widths = collections.Counter()
+  for _ in range(60):
+    batch = next(datasets.train)
+    width = batch["input_ids"].shape[1]
+    lengths = batch["attention_mask"].sum(axis=1)
+    assert (lengths <= width).all() and (width == 16 or (lengths > 16).all())
+    widths[width] += 1
+  reference = _reference_sequences()
+  short = sum(n for row, n in reference.items() if len(row) <= 16) / sum(reference.values())
+  assert set(widths) == {16, MAX_LEN}
+  assert widths[16] / 60 == pytest.approx(short, abs=0.05)  # Buckets mixed by their sizes.
+
+
+def test_global_batch_of_one_process(corpus, tmp_path):
+  batch = next(make_datasets(_config(corpus, tmp_path), resources.minilm_dir(), VOCAB).train)
+  mesh = jax.sharding.Mesh(jax.devices(), ("data",))
+  arrays = global_batch(batch, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+  for name, array in arrays.items():
+    np.testing.assert_array_equal(np.asarray(array), batch[name])
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"min_len": 2}, r"min_len=2 must lie in \[3, max_len=32\]"),
+    ({"bucket": (32,)}, r"bucket=\(32,\) must ascend below max_len=32"),
+    ({"eval_examples": 80}, r"eval_examples=80 leaves no train document of 80"),
+    ({"data_dir": "gs://bucket/data"}, r"must be a local directory"),
+])
+def test_bad_config_is_a_one_line_error(corpus, tmp_path, overrides, message):
+  with pytest.raises(ValueError, match=message):
+    make_datasets(_config(corpus, tmp_path, **overrides), resources.minilm_dir(), VOCAB)
+
+
+def test_two_processes_read_disjoint_shards(corpus, tmp_path):
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  repository = pathlib.Path(__file__).resolve().parents[1]
+  environment = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(repository)}
+  workers = [subprocess.Popen([sys.executable, __file__, str(corpus), str(tmp_path), str(port),
+                               str(i)], env=environment) for i in range(2)]
+  try:
+    exit_codes = [worker.wait(timeout=120) for worker in workers]
+  finally:
+    for worker in workers:
+      worker.kill()
+  assert exit_codes == [0, 0]
+  seen = [json.loads((tmp_path / f"process_{i}.json").read_text()) for i in range(2)]
+  rows = collections.Counter()
+  for process in seen:
+    rows.update(map(tuple, process["train"] + process["eval"]))
+  assert rows == _reference_sequences()  # Every sequence exactly once.
+  assert all(process["global_shape"] == [BATCH, MAX_LEN] for process in seen)
+
+
+def _worker(corpus: str, data_dir: str, port: str, process_id: str) -> None:
+  """One of two processes: writes one epoch of its train rows, its eval rows, the global shape."""
+  jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2,
+                             process_id=int(process_id))
+  datasets = make_datasets(_config(pathlib.Path(corpus), data_dir), resources.minilm_dir(), VOCAB)
+  eval_rows = [row for batch in datasets.eval for row in _unmasked_rows(batch) if row]
+  train_rows = _epoch(datasets)
+  mesh = jax.sharding.Mesh(jax.devices(), ("data",))
+  batch = next(datasets.train)
+  arrays = global_batch(batch, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+  (local,) = arrays["input_ids"].addressable_shards
+  np.testing.assert_array_equal(local.data, batch["input_ids"])
+  (pathlib.Path(data_dir) / f"process_{process_id}.json").write_text(json.dumps({
+      "train": train_rows, "eval": eval_rows, "global_shape": list(arrays["input_ids"].shape)}))
+
+
+if __name__ == "__main__":
+  _worker(*sys.argv[1:])
