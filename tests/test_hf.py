@@ -131,7 +131,8 @@ def _bad_checkpoint(bert_dir, tmp_path, **config_changes):
     ({"position_embedding_type": "relative_key"}, "position_embedding_type='relative_key' is not"),
     ({"hidden_act": "relu"}, "hidden_act='relu' is not supported"),
     ({"num_attention_heads": 5}, "hidden size 32 is not divisible by the number of attention"),
-    ({"intermediate_size": 65}, "intermediate.dense.bias has shape (64,), config.json implies (65,)"),
+    ({"intermediate_size": 65},
+     "intermediate.dense.bias has shape (64,), config.json implies (65,)"),
 ])
 def test_bad_checkpoints_are_refused_with_a_clear_error(bert_dir, tmp_path, changes, message):
   with pytest.raises(ValueError) as error:
