@@ -100,7 +100,10 @@ class Checkpointer:
         enable_async_checkpointing=async_save)
     registry = ocp.handlers.create_default_handler_registry(
         state=ocp.StandardCheckpointHandler(), data=ocp.JsonCheckpointHandler())
-    self.directory = epath.Path(workdir) / "checkpoints"
+    workdir = epath.Path(workdir)
+    if "://" not in str(workdir):
+      workdir = workdir.resolve()  # orbax needs absolute paths.
+    self.directory = workdir / "checkpoints"
     try:
       self._manager = _CheckpointManager(
           self.directory, options=options, handler_registry=registry)
@@ -180,6 +183,21 @@ class Checkpointer:
     except (OSError, ValueError, KeyError) as e:
       raise self._corrupt(step, steps, _first_line(e)) from e
     return restored["state"], restored["data"]
+
+  def restore_on_one_device(self, step: int | None = None) -> PyTree:
+    """The state of `step` (default: the latest) on this host's first device, whatever mesh
+    saved it: for exporting a model without rebuilding its optimizer or mesh."""
+    step = self.latest_step() if step is None else step
+    if step is None or step not in self._manager.all_steps():
+      raise CheckpointError(f"no checkpoint of step {step} in {self.directory}; available "
+                            f"steps: {list(self._manager.all_steps())}")
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    metadata = self._manager.item_metadata(step)["state"]
+    if metadata is None:
+      raise self._corrupt(step, list(self._manager.all_steps()), "unreadable state metadata")
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                            metadata.tree)
+    return self.restore(abstract, step)[0]
 
   def _corrupt(self, step: int, steps: list[int], reason: str) -> CheckpointError:
     return CheckpointError(

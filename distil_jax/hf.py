@@ -185,7 +185,7 @@ def from_hf_state_dict(config: models.ModelConfig, state: dict, layout: str, *,
   return traverse_util.unflatten_dict(flat)
 
 
-def _resolve(path_or_name: str | os.PathLike) -> pathlib.Path:
+def resolve(path_or_name: str | os.PathLike) -> pathlib.Path:
   """A local directory as is; otherwise a HuggingFace hub name, downloaded (TPU VMs)."""
   path = pathlib.Path(path_or_name).expanduser()
   if path.is_dir():
@@ -203,6 +203,16 @@ def _resolve(path_or_name: str | os.PathLike) -> pathlib.Path:
         f"({type(e).__name__}): pass a local checkpoint directory") from e
 
 
+def has_mlm_head(path_or_name: str | os.PathLike) -> bool:
+  """Whether the checkpoint has trained MLM head weights (a `BertModel` has none)."""
+  directory = resolve(path_or_name)
+  _, layout = read_config(directory)
+  names = {name.removeprefix("bert.").removeprefix("distilbert.")
+           for name in _read_weights(directory)}
+  return ("cls.predictions.transform.dense.weight" if layout == "bert"
+          else "vocab_transform.weight") in names
+
+
 def load_bert(path_or_name: str | os.PathLike, seed: int = 0
               ) -> tuple[models.ModelConfig, dict]:
   """Loads a BERT (or DistilBERT) checkpoint: a local HF directory or a hub name.
@@ -210,7 +220,7 @@ def load_bert(path_or_name: str | os.PathLike, seed: int = 0
   Returns (config, params) with numpy float32 params in our layout. A checkpoint without an MLM
   head (e.g. `BertModel`) gets a freshly initialised head (seeded by `seed`), said in one line.
   """
-  directory = _resolve(path_or_name)
+  directory = resolve(path_or_name)
   config, layout = read_config(directory)
   state = _canonical_names(_read_weights(directory), layout)
   return config, from_hf_state_dict(config, state, layout, source=str(directory), seed=seed)

@@ -42,23 +42,39 @@ def max_predictions(seq_len: int, mask_prob: float) -> int:
 
 def make_optimizer(*, total_steps: int, lr_peak: float, warmup_steps: int, b1: float = 0.9,
                    b2: float = 0.98, eps: float = 1e-6, weight_decay: float = 0.0,
-                   clip_norm: float = 5.0, frozen: Sequence[str] = ()
+                   clip_norm: float = 5.0, frozen: Sequence[str] = (),
+                   lr_multipliers: Sequence[tuple[str, float]] = ()
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """AdamW with linear warmup then linear decay to 0, global-norm clipping, and no weight decay
-  on biases and LayerNorm. Parameters whose path ("student/embeddings/...") matches a regex in
-  `frozen` are not updated and get no optimizer state."""
+  on biases and LayerNorm.
+
+  Parameters are named by their path, e.g. "student/embeddings/position_embeddings/embedding".
+  Those matching a regex in `frozen` are not updated and get no optimizer state; those matching
+  the regex of an (regex, factor) pair of `lr_multipliers` (the first that matches) train with
+  factor times the learning rate, e.g. a freshly initialised MLM head.
+  """
   schedule = optax.join_schedules(
       [optax.linear_schedule(0.0, lr_peak, max(warmup_steps, 1)),
        optax.linear_schedule(lr_peak, 0.0, max(total_steps - warmup_steps, 1))], [warmup_steps])
+
+  def group(path: tuple[str, ...]) -> str:
+    name = "/".join(path)
+    if any(re.search(pattern, name) for pattern in frozen):
+      return "frozen"
+    return next((f"lr_x{factor:g}" for pattern, factor in lr_multipliers
+                 if re.search(pattern, name)), "lr_x1")
+
+  groups = lambda params: traverse_util.path_aware_map(lambda path, _: group(path), params)
+  trainable = lambda params: jax.tree.map(lambda g: g != "frozen", groups(params))
   decay_mask = lambda params: traverse_util.path_aware_map(
       lambda path, _: path[-1] in ("kernel", "embedding"), params)
-  train = optax.chain(optax.clip_by_global_norm(clip_norm),
-                      optax.adamw(schedule, b1, b2, eps, weight_decay=weight_decay,
-                                  mask=decay_mask))
-  is_frozen = lambda path: any(re.search(pattern, "/".join(path)) for pattern in frozen)
-  labels = lambda params: traverse_util.path_aware_map(
-      lambda path, _: "frozen" if is_frozen(path) else "train", params)
-  return optax.multi_transform({"train": train, "frozen": optax.set_to_zero()}, labels), schedule
+  adamw = lambda factor: optax.adamw(lambda count: factor * schedule(count), b1, b2, eps,
+                                     weight_decay=weight_decay, mask=decay_mask)
+  transforms = {f"lr_x{factor:g}": adamw(factor) for factor in {1.0, *dict(lr_multipliers)
+                                                                .values()}}
+  transforms["frozen"] = optax.set_to_zero()
+  return optax.chain(optax.masked(optax.clip_by_global_norm(clip_norm), trainable),
+                     optax.multi_transform(transforms, groups)), schedule
 
 
 def init_projection(student_hidden: int, teacher_hidden: int, seed: int = 0) -> PyTree:
@@ -144,6 +160,9 @@ def _micro_loss(params, teacher_params, batch, weights, totals, rng, config):
   if teacher is not None:
     metrics["teacher_correct"], _ = losses.masked_accuracy(teacher.logits, labels)
   metrics["tokens"] = jnp.sum(batch["attention_mask"] > 0).astype(jnp.float32)
+  # Masked positions beyond max_predictions in a row; they get no logits, so no loss.
+  metrics["dropped_predictions"] = (jnp.sum(batch["labels"] != losses.IGNORE_INDEX)
+                                    - jnp.sum(labels != losses.IGNORE_INDEX)).astype(jnp.float32)
   return total, metrics
 
 
@@ -230,3 +249,23 @@ def jit_steps(config: StepConfig, tx: optax.GradientTransformation, mesh: Mesh,
                      in_shardings=(state_shardings["params"], teacher_shardings, batch),
                      out_shardings=replicated)
   return train, evaluate
+
+
+def prepare(config: StepConfig, params: PyTree, teacher_params: PyTree | None,
+            tx: optax.GradientTransformation, mesh: Mesh):
+  """Everything a train loop needs, sharded on `mesh` by the logical-axis rules.
+
+  `params` ({"student", ["projection"]}) and `teacher_params` are host arrays, the same on every
+  process. Returns (train state, teacher params on the mesh, jitted train step, jitted eval step).
+  """
+  param_shardings = {"student": sharding.param_shardings(
+      models.abstract_params(config.student), mesh)}
+  if "projection" in params:
+    param_shardings["projection"] = sharding.follow_params(params["projection"], {}, mesh)
+  state, state_shardings = create_state(params, tx, param_shardings, mesh)
+  teacher, teacher_shardings = None, None
+  if config.teacher is not None:
+    teacher_shardings = sharding.param_shardings(models.abstract_params(config.teacher), mesh)
+    teacher = sharding.put(teacher_params, teacher_shardings)
+  train, evaluate = jit_steps(config, tx, mesh, state_shardings, teacher_shardings)
+  return state, teacher, train, evaluate

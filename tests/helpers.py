@@ -1,9 +1,12 @@
 """Tiny random teachers, students and batches for step-level tests."""
 
 import dataclasses
+import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import traverse_util
 
 from distil_jax import losses, models, sharding, step, student
@@ -28,10 +31,13 @@ def random_batch(batch_size: int, seed: int = 0, mask_every: int = 4) -> dict:
           "labels": labels}
 
 
+@functools.cache
 def setup(teacher_config=TEACHER, student_layers=(0, 3), *, with_teacher=True, project=False,
-          frozen=(), lr=1e-2, accum_steps=1, restrict_ce_to_mask=False, gather_logits=True,
-          weight_decay=0.0, mesh=None, seed=0, tx=None):
-  """Teacher, student, optimizer and the sharded state on `mesh` (one device by default)."""
+          frozen=(), lr=1e-2, sgd=False, accum_steps=1, restrict_ce_to_mask=False,
+          gather_logits=True, weight_decay=0.0, mesh=None, seed=0):
+  """Teacher, student, optimizer (AdamW, or SGD with `sgd`), sharded state and compiled steps on
+  `mesh` (one device by default). Cached: take the state with `fresh_state`, since the train
+  step donates it."""
   # BERT's init (std 0.02) makes near-identity layers and flat logits; larger weights matter.
   teacher_params = traverse_util.path_aware_map(
       lambda path, x: x * 25 if path[-1] in ("kernel", "embedding") else x,
@@ -46,18 +52,17 @@ def setup(teacher_config=TEACHER, student_layers=(0, 3), *, with_teacher=True, p
                            teacher=teacher_config if with_teacher else None,
                            restrict_ce_to_mask=restrict_ce_to_mask, gather_logits=gather_logits,
                            max_predictions=6, accum_steps=accum_steps)
-  if tx is None:
-    tx, _ = step.make_optimizer(total_steps=200, lr_peak=lr, warmup_steps=0, frozen=frozen,
-                                weight_decay=weight_decay)
+  tx = optax.sgd(lr) if sgd else step.make_optimizer(
+      total_steps=200, lr_peak=lr, warmup_steps=0, frozen=frozen, weight_decay=weight_decay)[0]
   params = {"student": student_params}
-  shardings = {"student": sharding.param_shardings(models.abstract_params(student_config), mesh)}
   if project:
     params["projection"] = step.init_projection(8, teacher_config.hidden_size)
-    shardings["projection"] = sharding.follow_params(params["projection"], {}, mesh)
-  state, state_shardings = step.create_state(params, tx, shardings, mesh)
-  teacher_shardings = sharding.param_shardings(models.abstract_params(teacher_config), mesh)
-  teacher = sharding.put(teacher_params, teacher_shardings) if with_teacher else None
-  train, evaluate = step.jit_steps(config, tx, mesh, state_shardings,
-                                   teacher_shardings if with_teacher else None)
+  state, teacher, train, evaluate = step.prepare(
+      config, params, teacher_params if with_teacher else None, tx, mesh)
   return dict(state=state, teacher=teacher, train=train, evaluate=evaluate, config=config,
-              teacher_params=teacher_params, mesh=mesh)
+              teacher_params=teacher_params, mesh=mesh, tx=tx)
+
+
+def fresh_state(run: dict) -> dict:
+  """A copy of the run's initial state, for a train step to consume."""
+  return jax.tree.map(jnp.copy, run["state"])

@@ -11,7 +11,6 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 
 import jax
 import numpy as np
-import optax
 from flax import traverse_util
 from helpers import random_batch, setup
 
@@ -29,8 +28,8 @@ def main(out_dir: str) -> None:
     devices = jax.devices()[:int(np.prod(shape))]
     # SGD, not Adam: Adam's first updates are ±lr whatever the gradient's size, which turns
     # rounding noise in zero-gradient parameters (the attention key bias) into full steps.
-    run = setup(mesh=sharding.make_mesh(shape, devices=devices), accum_steps=2,
-                tx=optax.sgd(0.05))
+    run = setup(mesh=sharding.make_mesh(shape, devices=devices), accum_steps=2, sgd=True,
+                lr=0.05)
     state, step_losses = run["state"], []
     for _ in range(3):
       state, metrics = run["train"](state, run["teacher"], batch, losses.LossWeights())

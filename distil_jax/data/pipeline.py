@@ -36,6 +36,7 @@ class Datasets(NamedTuple):
   eval: tuple[Batch, ...]  # Fixed process-local batches, the last padded with empty rows.
   train_sequences: int  # Process-local train sequences per epoch.
   train_tokens: int  # Their tokens, [CLS] and [SEP] included.
+  token_counts: np.ndarray  # Occurrences of each vocabulary id in the train documents (global).
 
 
 def make_datasets(config: ml_collections.ConfigDict, tokenizer_dir: str | os.PathLike,
@@ -84,7 +85,8 @@ def make_datasets(config: ml_collections.ConfigDict, tokenizer_dir: str | os.Pat
       train=iter(train_batches.to_iter_dataset(read_options)),
       eval=tuple({name: array[rows] for name, array in batch.items()} for batch in eval_batches),
       train_sequences=len(train),
-      train_tokens=int(train.lengths.sum()))
+      train_tokens=int(train.lengths.sum()),
+      token_counts=token_counts)
 
 
 def global_batch(local_batch: Batch, sharding: jax.sharding.NamedSharding) -> dict[str, jax.Array]:

@@ -1,0 +1,102 @@
+r"""Speed of the train step on this machine, for the models of experiments/tiny.py.
+
+  .venv/bin/python -m benchmarks.bench_step [--batch_size=32 --max_len=128 --steps=3]
+
+Prints, per variant of the step: seconds per step, real and padded tokens/s, FLOPs per step
+(our analytic count and XLA's cost analysis), and MFU against the measured matmul peak of the
+device; then the input pipeline's tokens/s beside what the fastest step consumes.
+"""
+
+import time
+from collections.abc import Sequence
+
+import jax
+from absl import app, flags
+
+from benchmarks import bench_data
+from distil_jax import data, hf, losses, perf, resources, sharding, step, student
+
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Sequences per step.")
+_MAX_LEN = flags.DEFINE_integer("max_len", 128, "Tokens per sequence.")
+_STEPS = flags.DEFINE_integer("steps", 3, "Timed steps per variant (after one to compile).")
+
+# name -> (distil?, restrict_ce_to_mask, gather_logits)
+VARIANTS = {
+    "distill, L_ce on all tokens (original)": (True, False, False),
+    "distill, L_ce on masked, full logits": (True, True, False),
+    "distill, L_ce on masked, gathered (tiny.py)": (True, True, True),
+    "teacher MLM, full logits": (False, False, False),
+    "teacher MLM, gathered (teacher_mlm.py)": (False, False, True),
+}
+
+
+def measure_steps(batch: dict, steps: int) -> list[dict]:
+  """Times each variant of the step on `batch` (MiniLM teacher, 3-layer student)."""
+  teacher_config, teacher_params = hf.load_bert(resources.minilm_dir())
+  student_config, student_params = student.student_from_teacher(
+      teacher_config, teacher_params, student.every_other_layer(6, 3))
+  mesh = sharding.make_mesh((-1, 1, 1))
+  batch_size, seq_len = batch["input_ids"].shape
+  tokens = int(batch["attention_mask"].sum())
+  peak = perf.peak_flops_per_device() * jax.device_count()
+  rows = []
+  for name, (distill, restrict, gather) in VARIANTS.items():
+    config = step.StepConfig(
+        student=student_config if distill else teacher_config,
+        teacher=teacher_config if distill else None, restrict_ce_to_mask=restrict,
+        gather_logits=gather, max_predictions=step.max_predictions(seq_len, 0.15))
+    tx, _ = step.make_optimizer(total_steps=100, lr_peak=1e-4, warmup_steps=0)
+    params = {"student": student_params if distill else teacher_params}
+    state, teacher, train, _ = step.prepare(config, params, teacher_params if distill else None,
+                                            tx, mesh)
+    global_batch = data.global_batch(batch, sharding.batch_sharding(mesh))
+    weights = losses.LossWeights()
+    xla_flops = train.lower(state, teacher, global_batch, weights).compile().cost_analysis()[
+        "flops"]
+    state, metrics = train(state, teacher, global_batch, weights)
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for _ in range(steps):
+      state, metrics = train(state, teacher, global_batch, weights)
+    jax.block_until_ready(metrics)
+    seconds = (time.perf_counter() - start) / steps
+    flops = perf.train_step_flops(config, batch_size, seq_len)
+    rows.append({"variant": name, "s/step": seconds, "tokens/s": tokens / seconds,
+                 "padded tokens/s": batch_size * seq_len / seconds, "GFLOP/step": flops / 1e9,
+                 "XLA GFLOP/step": xla_flops / 1e9, "MFU": flops / seconds / peak})
+  return rows
+
+
+def format_rows(rows: Sequence[dict]) -> str:
+  formats = {"s/step": "{:.2f}", "tokens/s": "{:,.0f}", "padded tokens/s": "{:,.0f}",
+             "GFLOP/step": "{:.1f}", "XLA GFLOP/step": "{:.1f}", "MFU": "{:.1%}"}
+  cells = [[row["variant"], *(formats[k].format(row[k]) for k in formats)] for row in rows]
+  header = ["variant", *formats]
+  widths = [max(len(str(c[i])) for c in [header, *cells]) for i in range(len(header))]
+  line = lambda cs: "| " + " | ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
+                                      for i, (c, w) in enumerate(zip(cs, widths, strict=True)))
+  return "\n".join([line(header) + " |", "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+                    *(line(c) + " |" for c in cells)])
+
+
+def main(argv: Sequence[str]) -> None:
+  del argv
+  config = data.default_data_config()
+  config.update({"batch_size": _BATCH_SIZE.value, "max_len": _MAX_LEN.value})
+  datasets = data.make_datasets(config, resources.minilm_dir(), 30522)
+  batch = next(datasets.train)
+  print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, matmul peak "
+        f"{perf.peak_flops_per_device() / 1e9:.0f} GFLOP/s; batch {_BATCH_SIZE.value} x "
+        f"{_MAX_LEN.value}, {int(batch['attention_mask'].sum())} real tokens\n")
+  rows = measure_steps(batch, _STEPS.value)
+  print(format_rows(rows))
+  pipeline = bench_data.measure_data_pipeline(config, str(resources.minilm_dir()), 30522, 50)
+  fastest = max(row["tokens/s"] for row in rows)
+  print("\n" + bench_data.format_table(pipeline))
+  warm = pipeline[-1].tokens_per_second
+  print(f"\nwarm pipeline / fastest step: {warm / fastest:,.0f}x "
+        f"({warm:,.0f} vs {fastest:,.0f} tokens/s)")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,92 @@
+"""Console progress lines, TensorBoard event files and a JSON-lines log, from process 0 only."""
+
+import contextlib
+import json
+import math
+import pathlib
+import time
+from collections.abc import Iterator
+
+import jax
+from absl import logging
+
+
+class MetricWriter:
+  """Writes train and eval scalars to the console, WORKDIR/tensorboard and WORKDIR/metrics.jsonl
+  (one JSON object per line: {"step", "kind": "train" or "eval", scalars...})."""
+
+  def __init__(self, workdir: pathlib.Path, total_steps: int):
+    self.total_steps = total_steps
+    self.enabled = jax.process_index() == 0
+    self._tensorboard = self._jsonl = None
+    if self.enabled:
+      from tensorboardX import SummaryWriter
+      self._tensorboard = SummaryWriter(str(workdir / "tensorboard"))
+      self._jsonl = open(workdir / "metrics.jsonl", "a")  # noqa: SIM115 (closed by close()).
+    self._last = None  # (time, step) of the previous train write.
+    self._excluded = 0.0  # Seconds since then spent outside training (eval, checkpoints).
+
+  def _scalars(self, step: int, kind: str, scalars: dict[str, float]) -> None:
+    for name, value in scalars.items():
+      self._tensorboard.add_scalar(f"{kind}/{name}", value, step)
+    self._tensorboard.flush()
+    self._jsonl.write(json.dumps({"step": step, "kind": kind, **scalars}) + "\n")
+    self._jsonl.flush()
+
+  def train(self, step: int, scalars: dict[str, float], tokens: float,
+            flops_per_step: float, peak_flops: float) -> dict[str, float]:
+    """Logs the train metrics of `step`, with throughput since the previous call.
+
+    `tokens` are real tokens since the previous call. Returns the scalars written.
+    """
+    now = time.perf_counter()
+    if self._last is not None:
+      seconds, steps = now - self._last[0] - self._excluded, step - self._last[1]
+      scalars = {**scalars, "tokens_per_s": tokens / seconds,
+                 "steps_per_s": steps / seconds,
+                 "mfu": flops_per_step * steps / seconds / (peak_flops * jax.device_count())}
+    self._last, self._excluded = (now, step), 0.0
+    if not self.enabled:
+      return scalars
+    self._scalars(step, "train", scalars)
+    parts = " ".join(f"{k.removeprefix('loss_')}={scalars[k]:.4g}" for k in sorted(scalars)
+                     if k.startswith("loss_"))
+    line = f"step {step}/{self.total_steps} loss={scalars['loss']:.4g} ({parts})"
+    line += f" acc={scalars['student_accuracy']:.3f}"
+    if "teacher_accuracy" in scalars:
+      line += f" teacher_acc={scalars['teacher_accuracy']:.3f}"
+    if "tokens_per_s" in scalars:
+      eta = (self.total_steps - step) / scalars["steps_per_s"]
+      line += (f" | {scalars['tokens_per_s']:,.0f} tok/s mfu={scalars['mfu']:.1%}"
+               f" eta={_duration(eta)}")
+    logging.info("%s", line)
+    return scalars
+
+  def eval(self, step: int, scalars: dict[str, float]) -> None:
+    if not self.enabled:
+      return
+    self._scalars(step, "eval", scalars)
+    logging.info("eval step %d: %s", step, " ".join(
+        f"{name}={value:.4g}" for name, value in sorted(scalars.items())))
+
+  @contextlib.contextmanager
+  def paused(self) -> Iterator[None]:
+    """Excludes the time spent in the block (evaluation, saving) from the throughput."""
+    start = time.perf_counter()
+    try:
+      yield
+    finally:
+      self._excluded += time.perf_counter() - start
+
+  def close(self) -> None:
+    if self.enabled:
+      self._tensorboard.close()
+      self._jsonl.close()
+
+
+def _duration(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  minutes, seconds = divmod(int(seconds), 60)
+  hours, minutes = divmod(minutes, 60)
+  return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"

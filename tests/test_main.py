@@ -1,0 +1,158 @@
+"""`distil_jax.main` end to end: a run, its export, resume after SIGTERM and kill -9, overrides."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import safetensors.numpy
+import torch
+import transformers
+
+from distil_jax import export, main, resources
+
+ROOT = pathlib.Path(__file__).parent.parent
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> pathlib.Path:
+  """400 real Wikipedia lead sections, one per line."""
+  records = json.loads(resources.wiki_offline_json().read_text())
+  texts = [r["extract"].replace("\n", " ") for r in list(records.values())[:400]]
+  path = tmp_path_factory.mktemp("corpus") / "wiki.txt"
+  path.write_text("\n".join(texts) + "\n")
+  return path
+
+
+def _command(workdir, bert_dir, corpus, *overrides):
+  return [sys.executable, "-m", "distil_jax.main", "--config=tests/configs/random_teacher.py",
+          f"--workdir={workdir}", f"--config.teacher={bert_dir}",
+          f"--config.data.sources=('text:{corpus}',)",
+          f"--config.data.data_dir={corpus.parent / 'data'}", *overrides]
+
+
+def _start(*args, **kwargs):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  return subprocess.Popen(_command(*args, **kwargs), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+def _run(*args):
+  process = _start(*args)
+  output, _ = process.communicate(timeout=600)
+  assert process.returncode == 0, output[-3000:]
+  return output
+
+
+def _train_losses(workdir) -> dict[int, float]:
+  """Loss of every logged train step; a step logged twice (re-run after a kill) keeps its last."""
+  lines = (workdir / "metrics.jsonl").read_text().splitlines()
+  return {r["step"]: r["loss"] for r in map(json.loads, lines) if r["kind"] == "train"}
+
+
+def _weights(directory):
+  return safetensors.numpy.load_file(directory / "export" / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, bert_dir, corpus):
+  workdir = tmp_path_factory.mktemp("uninterrupted")
+  _run(workdir, bert_dir, corpus)
+  return workdir
+
+
+def test_run_writes_config_metrics_checkpoints_and_an_export(uninterrupted):
+  config = json.loads((uninterrupted / "config.json").read_text())
+  assert config["total_steps"] == 60 and config["distill"]["temperature"] == 2.0
+  losses = _train_losses(uninterrupted)
+  assert sorted(losses) == list(range(1, 61)) and losses[60] < losses[1]
+  evals = [json.loads(line) for line in (uninterrupted / "metrics.jsonl").read_text()
+           .splitlines() if '"eval"' in line]
+  assert [e["step"] for e in evals] == [0, 20, 40, 60]
+  assert {"student_accuracy", "teacher_accuracy", "agreement", "kl_t1"} <= set(evals[-1])
+  assert any((uninterrupted / "tensorboard").iterdir())
+  model, info = transformers.DistilBertForMaskedLM.from_pretrained(
+      uninterrupted / "export", output_loading_info=True)
+  assert not any(info.values()) and model.config.n_layers == 2
+
+
+def test_export_command_matches_the_final_export(uninterrupted, tmp_path):
+  out = export.export_checkpoint(uninterrupted, tmp_path / "hf", step=60)
+  expected = _weights(uninterrupted)
+  for name, value in safetensors.numpy.load_file(out / "model.safetensors").items():
+    np.testing.assert_array_equal(value, expected[name], err_msg=name)
+  tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+  ids = tokenizer("the cat sat on the [MASK].", return_tensors="pt")
+  with torch.no_grad():
+    logits = transformers.AutoModelForMaskedLM.from_pretrained(out)(**ids).logits
+  assert logits.shape[-1] == 30522
+
+
+def _wait_for(path: pathlib.Path, process, timeout=300):
+  start = time.time()
+  while not path.exists():
+    assert process.poll() is None, process.communicate()[0][-3000:]
+    assert time.time() - start < timeout
+    time.sleep(0.05)
+
+
+def test_resume_after_sigterm_and_after_kill_9_equals_an_uninterrupted_run(
+    uninterrupted, tmp_path, bert_dir, corpus):
+  workdir = tmp_path / "interrupted"
+  process = _start(workdir, bert_dir, corpus)
+  _wait_for(workdir / "checkpoints" / "10", process)
+  process.send_signal(signal.SIGTERM)
+  output, _ = process.communicate(timeout=120)
+  assert process.returncode == 0, output[-3000:]
+  stopped_at = max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  assert 10 <= stopped_at < 60, "SIGTERM should stop the run before its end"
+  assert max(_train_losses(workdir)) == stopped_at
+
+  process = _start(workdir, bert_dir, corpus)
+  next_checkpoint = (stopped_at // 10 + 1) * 10
+  _wait_for(workdir / "checkpoints" / str(next_checkpoint), process)
+  process.kill()
+  process.communicate()
+  assert not (workdir / "export").exists(), "kill -9 should stop the run before its end"
+
+  _run(workdir, bert_dir, corpus)
+  expected, resumed = _train_losses(uninterrupted), _train_losses(workdir)
+  assert sorted(resumed) == sorted(expected)
+  np.testing.assert_allclose([resumed[s] for s in expected], list(expected.values()), rtol=1e-6)
+  weights = _weights(workdir)
+  for name, value in _weights(uninterrupted).items():
+    np.testing.assert_allclose(weights[name], value, atol=1e-6, err_msg=name)
+
+
+def test_overrides_land_in_the_saved_config(tmp_path, bert_dir, corpus):
+  _run(tmp_path, bert_dir, corpus, "--config.distill.temperature=4",
+       "--config.total_steps=2", "--config.export=False")
+  config = json.loads((tmp_path / "config.json").read_text())
+  assert config["distill"]["temperature"] == 4.0 and config["total_steps"] == 2
+  assert not (tmp_path / "export").exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.distill.temprature=4", "temprature"),
+    ("--config.distill.temperature=hot", "temperature"),
+])
+def test_bad_overrides_fail_before_any_compute(tmp_path, bert_dir, corpus, override, message):
+  process = _start(tmp_path, bert_dir, corpus, override)
+  output, _ = process.communicate(timeout=120)
+  assert process.returncode != 0
+  errors = [line for line in output.splitlines() if message in line]
+  assert errors, output[-2000:]
+  assert not (tmp_path / "config.json").exists()
+
+
+def test_masked_token_prior_follows_the_smoothed_selection():
+  counts = np.array([0, 9, 99, 999])
+  np.testing.assert_allclose(np.exp(main.masked_token_log_prior(counts, 0.0)),
+                             [1 / 1111, 10 / 1111, 100 / 1111, 1000 / 1111], rtol=1e-6)
+  flat = np.exp(main.masked_token_log_prior(counts, 1.0))
+  np.testing.assert_allclose(flat, 0.25, rtol=1e-6)
