@@ -3,6 +3,7 @@
 A workdir holds::
 
   config.json                 the resolved config (`write_config`)
+  model.json                  the trained model's config and tokenizer (`write_model`)
   checkpoints/<step>/state    the train state: student params, optimizer state, step
   checkpoints/<step>/data     the data iterator state (JSON)
   checkpoints/<step>/metrics  the eval loss, when the step had one
@@ -25,6 +26,7 @@ Use in the train loop (a SIGTERM makes it save and exit cleanly)::
     ckpt.save(step, state, data_iter.get_state(), force=True)  # No-op if already saved.
 """
 
+import dataclasses
 import json
 import math
 import signal
@@ -35,6 +37,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
+
+from distil_jax import models
 
 PyTree = Any
 
@@ -278,3 +282,21 @@ def read_config(workdir: epath.PathLike) -> dict[str, Any]:
     raise CheckpointError(
         f"{path} is not valid JSON ({e}); rewrite it by running again on this workdir with the "
         "experiment's --config") from e
+
+
+def write_model(workdir: epath.PathLike, config: models.ModelConfig,
+                tokenizer_dir: epath.PathLike) -> None:
+  """Records what `read_model` needs to rebuild the trained model (from process 0)."""
+  if jax.process_index() == 0:
+    description = {"model": dataclasses.asdict(config), "tokenizer_dir": str(tokenizer_dir)}
+    (epath.Path(workdir) / "model.json").write_text(json.dumps(description, indent=2) + "\n")
+
+
+def read_model(workdir: epath.PathLike) -> tuple[models.ModelConfig, str]:
+  """(model config, tokenizer directory) of the run in `workdir`."""
+  path = epath.Path(workdir) / "model.json"
+  if not path.exists():
+    raise CheckpointError(f"{path} does not exist; pass the --workdir of a distil_jax run that "
+                          "has started training")
+  description = json.loads(path.read_text())
+  return models.ModelConfig(**description["model"]), description["tokenizer_dir"]

@@ -6,13 +6,11 @@ A student becomes a `DistilBertForMaskedLM`, a teacher trained on MLM alone (mod
 `BertForMaskedLM`; the tokenizer files of the run come along. Default: the latest checkpoint.
 """
 
-import json
 import pathlib
 
 from absl import app, flags
 
-from distil_jax import checkpoint, hf, models
-from distil_jax.main import MODEL_FILE
+from distil_jax import checkpoint, hf
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a distil_jax.main run.")
 _OUT = flags.DEFINE_string("out", None, "Output HuggingFace directory.")
@@ -22,17 +20,11 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default: the latest
 def export_checkpoint(workdir: str | pathlib.Path, out: str | pathlib.Path,
                       step: int | None = None) -> pathlib.Path:
   """Writes the model of `step` of the run in `workdir` to `out`; returns `out`."""
-  workdir = pathlib.Path(workdir)
-  model_file = workdir / MODEL_FILE
-  if not model_file.is_file():
-    raise FileNotFoundError(f"{model_file} not found: pass the --workdir of a distil_jax.main "
-                            "run that has started training")
-  described = json.loads(model_file.read_text())
-  config = models.ModelConfig(**described["model"])
+  config, tokenizer_dir = checkpoint.read_model(workdir)
   with checkpoint.Checkpointer(workdir, save_every_steps=1, keep_last=1,
                                async_save=False) as ckpt:
     state = ckpt.restore_on_one_device(step)
-  return hf.export_hf(config, state["params"]["student"], out, described["tokenizer_dir"])
+  return hf.export_hf(config, state["params"]["student"], out, tokenizer_dir)
 
 
 def main(argv) -> None:

@@ -9,10 +9,11 @@ checkpoint resumes from it; SIGTERM (a TPU preemption) saves and exits cleanly.
 """
 
 import dataclasses
-import json
 import logging as std_logging
 import math
 import pathlib
+import re
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -41,8 +42,6 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and exports.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
                                  "Call jax.distributed.initialize() first (multi-host pods).")
-
-MODEL_FILE = "model.json"  # What `distil_jax.export` needs to rebuild the trained model.
 
 
 def teacher_directory(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> pathlib.Path:
@@ -77,13 +76,6 @@ def load_models(config: ml_collections.ConfigDict, teacher_dir: pathlib.Path):
                      f"teacher's {teacher_config.hidden_size}: set "
                      "distill.project_student_hidden=True or distill.alpha_cos=0")
   return student_config, student_params, teacher_config, teacher_params
-
-
-def masked_token_log_prior(counts: np.ndarray, mlm_smoothing: float) -> np.ndarray:
-  """Log-probabilities of the tokens that masking picks: a token of count c is picked with
-  probability proportional to c * c**-mlm_smoothing (counts add-one smoothed)."""
-  weights = (np.asarray(counts, np.float64) + 1.0) ** (1.0 - mlm_smoothing)
-  return np.log(weights / weights.sum()).astype(np.float32)
 
 
 def loss_weights(config: ml_collections.ConfigDict) -> losses.LossWeights:
@@ -126,10 +118,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                "a student" if teacher_config else "the teacher on MLM",
                f"{models.count_params(model_config):,}",
                f"{models.count_params(teacher_config):,}" if teacher_config else "none")
-  if jax.process_index() == 0:
-    (workdir / MODEL_FILE).write_text(json.dumps(
-        {"model": dataclasses.asdict(model_config), "tokenizer_dir": str(tokenizer_dir)},
-        indent=2))
+  checkpoint.write_model(workdir, model_config, tokenizer_dir)
 
   # ---------------------------------------------------------------- Data.
   peak_flops = perf.peak_flops_per_device()  # Measured on CPU: before the loader's threads run.
@@ -138,8 +127,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   if config.mode == "mlm" and not hf.has_mlm_head(teacher_dir):
     # Adam moves a parameter by about lr per step: a fresh head would need thousands of steps
     # to learn the label frequencies that its bias can simply start from.
-    params["mlm_head"]["bias"] = masked_token_log_prior(datasets.token_counts,
-                                                        config.data.mlm_smoothing)
+    params["mlm_head"]["bias"] = data.label_log_prior(datasets.token_counts,
+                                                      config.data.mlm_smoothing)
 
   # ---------------------------------------------------------------- Mesh, sharded state, steps.
   mesh = sharding.make_mesh(config.mesh_shape)
@@ -271,5 +260,17 @@ def main(argv) -> None:
   train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a one-line error for an unknown --config.KEY override."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:  # How ml_collections refuses an unknown key.
+    key = (re.findall(r"\w+", str(e).split("Did you mean")[0]) or ["?"])[0]
+    hint = re.search(r'Did you mean "(\w+)"', str(e))
+    sys.exit(f"FATAL unknown config key {key!r} in the overrides"
+             + (f': did you mean "{hint[1]}"?' if hint else "")
+             + " (the keys are in experiments/common.py)")
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from distil_jax.data import IGNORED_LABEL, mask_tokens, smoothed_token_weights
+from distil_jax.data import IGNORED_LABEL, label_log_prior, mask_tokens, smoothed_token_weights
 
 PAD, UNK, CLS, SEP, MASK = 0, 100, 101, 102, 103
 SPECIAL = (PAD, UNK, CLS, SEP, MASK)
@@ -83,3 +83,10 @@ def test_padding_only_batch_has_nothing_to_predict():
   input_ids, labels = _mask(ids, np.zeros_like(ids))
   np.testing.assert_array_equal(input_ids, ids)
   assert (labels == IGNORED_LABEL).all()
+
+
+def test_label_log_prior_follows_the_smoothed_selection():
+  counts = np.array([0, 9, 99, 999])
+  np.testing.assert_allclose(np.exp(label_log_prior(counts, 0.0)),
+                             [1 / 1111, 10 / 1111, 100 / 1111, 1000 / 1111], rtol=1e-6)
+  np.testing.assert_allclose(np.exp(label_log_prior(counts, 1.0)), 0.25, rtol=1e-6)

@@ -67,7 +67,7 @@ def test_masked_position_gather_gives_the_same_losses():
 
 
 def test_frozen_position_embeddings_and_weight_decay_mask():
-  run = setup(frozen=["position_embeddings"], weight_decay=0.5)
+  run = setup(frozen=("position_embeddings",), weight_decay=0.5)
   before = jax.tree.map(np.asarray, run["state"]["params"]["student"])
   state, _ = run["train"](fresh_state(run), run["teacher"], random_batch(8), WEIGHTS)
   after = jax.tree.map(np.asarray, state["params"]["student"])

@@ -1,7 +1,12 @@
 """Input pipeline: text sources -> cached WordPiece ids -> sequences -> masked, sharded batches."""
 
 from distil_jax.data.config import default_data_config
-from distil_jax.data.masking import IGNORED_LABEL, mask_tokens, smoothed_token_weights
+from distil_jax.data.masking import (
+    IGNORED_LABEL,
+    label_log_prior,
+    mask_tokens,
+    smoothed_token_weights,
+)
 from distil_jax.data.pipeline import Datasets, global_batch, make_datasets
 from distil_jax.data.sequences import Sequences, make_sequences, split_by_length
 from distil_jax.data.sources import Documents, TextCorpus, open_documents
@@ -17,6 +22,7 @@ __all__ = [
     "TokenIds",
     "default_data_config",
     "global_batch",
+    "label_log_prior",
     "load_tokenizer",
     "make_datasets",
     "make_sequences",

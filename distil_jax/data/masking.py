@@ -47,3 +47,11 @@ def mask_tokens(token_ids: np.ndarray, attention_mask: np.ndarray, *, rng_seed: 
 def smoothed_token_weights(counts: np.ndarray, mlm_smoothing: float) -> np.ndarray | None:
   """Selection weights count ** -mlm_smoothing (rare tokens chosen more often); None for 0."""
   return np.maximum(counts, 1.0) ** -mlm_smoothing if mlm_smoothing else None
+
+
+def label_log_prior(counts: np.ndarray, mlm_smoothing: float) -> np.ndarray:
+  """Log-probabilities of the labels that masking picks: a token of count c is picked with
+  probability proportional to c * c**-mlm_smoothing (counts add-one smoothed). As MLM logits,
+  the best start for a fresh head's bias."""
+  weights = (np.asarray(counts, np.float64) + 1.0) ** (1.0 - mlm_smoothing)
+  return np.log(weights / weights.sum()).astype(np.float32)
