@@ -1,6 +1,6 @@
 r"""Speed of the train step on this machine, for the models of experiments/tiny.py.
 
-  .venv/bin/python -m benchmarks.bench_step [--batch_size=32 --max_len=128 --steps=3]
+  .venv/bin/python -m benchmarks.bench_step [--batch=32 --seq_len=128 --timed_steps=3]
 
 Prints, per variant of the step: seconds per step, real and padded tokens/s, FLOPs per step
 (our analytic count and XLA's cost analysis), and MFU against the measured matmul peak of the
@@ -16,9 +16,9 @@ from absl import app, flags
 from benchmarks import bench_data
 from distil_jax import data, hf, losses, perf, resources, sharding, step, student
 
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Sequences per step.")
-_MAX_LEN = flags.DEFINE_integer("max_len", 128, "Tokens per sequence.")
-_STEPS = flags.DEFINE_integer("steps", 3, "Timed steps per variant (after one to compile).")
+_BATCH = flags.DEFINE_integer("batch", 32, "Sequences per step.")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 128, "Tokens per sequence.")
+_TIMED_STEPS = flags.DEFINE_integer("timed_steps", 3, "Timed steps per variant, after one more.")
 
 # name -> (distil?, restrict_ce_to_mask, gather_logits)
 VARIANTS = {
@@ -82,13 +82,13 @@ def format_rows(rows: Sequence[dict]) -> str:
 def main(argv: Sequence[str]) -> None:
   del argv
   config = data.default_data_config()
-  config.update({"batch_size": _BATCH_SIZE.value, "max_len": _MAX_LEN.value})
+  config.update({"batch_size": _BATCH.value, "max_len": _SEQ_LEN.value})
   datasets = data.make_datasets(config, resources.minilm_dir(), 30522)
   batch = next(datasets.train)
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, matmul peak "
-        f"{perf.peak_flops_per_device() / 1e9:.0f} GFLOP/s; batch {_BATCH_SIZE.value} x "
-        f"{_MAX_LEN.value}, {int(batch['attention_mask'].sum())} real tokens\n")
-  rows = measure_steps(batch, _STEPS.value)
+        f"{perf.peak_flops_per_device() / 1e9:.0f} GFLOP/s; batch {_BATCH.value} x "
+        f"{_SEQ_LEN.value}, {int(batch['attention_mask'].sum())} real tokens\n")
+  rows = measure_steps(batch, _TIMED_STEPS.value)
   print(format_rows(rows))
   pipeline = bench_data.measure_data_pipeline(config, str(resources.minilm_dir()), 30522, 50)
   fastest = max(row["tokens/s"] for row in rows)
