@@ -180,9 +180,11 @@ class Encoder(nn.Module):
 
   `logit_positions` ([batch, k] indices) computes the MLM logits only at those positions: the
   vocabulary projection dominates a small model's FLOPs, and the losses often need only the
-  masked positions.
+  masked positions. `activation_sharding` (e.g. batch over the data-parallel mesh axes) pins the
+  residual stream between layers, so that XLA does not shard it like the parameters.
   """
   config: ModelConfig
+  activation_sharding: jax.sharding.Sharding | None = None
 
   def setup(self):
     self.embeddings = Embeddings(self.config)
@@ -193,10 +195,12 @@ class Encoder(nn.Module):
   def __call__(self, input_ids: Array, attention_mask: Array, token_type_ids: Array | None = None,
                *, logit_positions: Array | None = None, deterministic: bool = True
                ) -> EncoderOutput:
-    x = self.embeddings(input_ids, token_type_ids, deterministic)
+    pin = lambda y: y if self.activation_sharding is None else jax.lax.with_sharding_constraint(
+        y, self.activation_sharding)
+    x = pin(self.embeddings(input_ids, token_type_ids, deterministic))
     hidden_states = [x]
     for layer in self.layers:
-      x = layer(x, attention_mask, deterministic)
+      x = pin(layer(x, attention_mask, deterministic))
       hidden_states.append(x)
     if logit_positions is not None:
       x = jnp.take_along_axis(x, logit_positions[..., None], axis=1)

@@ -126,12 +126,13 @@ def _counts(config: StepConfig, batch: PyTree) -> dict[str, jax.Array]:
 
 
 def _forward(config: StepConfig, params: PyTree, teacher_params: PyTree | None, batch: PyTree,
-             rng: jax.Array | None):
+             rng: jax.Array | None, mesh: Mesh | None):
   """Student (and teacher) outputs at the positions the losses need."""
   positions, valid, labels = _logit_targets(config, batch)
   ids, mask = batch["input_ids"], batch["attention_mask"]
   dropout = {} if rng is None else {"rngs": {"dropout": rng}}
-  out = models.Encoder(config.student).apply(
+  pinned = None if mesh is None else sharding.batch_sharding(mesh)
+  out = models.Encoder(config.student, pinned).apply(
       {"params": params["student"]}, ids, mask, logit_positions=positions,
       deterministic=rng is None, **dropout)
   hidden = out.hidden_states[-1]
@@ -140,15 +141,15 @@ def _forward(config: StepConfig, params: PyTree, teacher_params: PyTree | None, 
   student = losses.Outputs(out.logits, hidden)
   teacher = None
   if config.teacher is not None:
-    t = models.Encoder(config.teacher).apply({"params": teacher_params}, ids, mask,
-                                             logit_positions=positions)
+    t = models.Encoder(config.teacher, pinned).apply({"params": teacher_params}, ids, mask,
+                                                     logit_positions=positions)
     teacher = jax.lax.stop_gradient(losses.Outputs(t.logits, t.hidden_states[-1]))
   return student, teacher, valid, labels
 
 
-def _micro_loss(params, teacher_params, batch, weights, totals, rng, config):
+def _micro_loss(params, teacher_params, batch, weights, totals, rng, config, mesh):
   """A micro-batch's share of the full batch's loss, and its metrics as sums."""
-  student, teacher, valid, labels = _forward(config, params, teacher_params, batch, rng)
+  student, teacher, valid, labels = _forward(config, params, teacher_params, batch, rng, mesh)
   frac = {k: n / jnp.maximum(totals[k], 1.0) for k, n in _counts(config, batch).items()}
   scaled = weights._replace(**{f"alpha_{part}": getattr(weights, f"alpha_{part}") * frac[
       f"loss_{part}"] for part in ("ce", "mlm", "cos", "mse")})
@@ -184,7 +185,7 @@ def train_step(state: PyTree, teacher_params: PyTree | None, batch: PyTree,
   totals = _counts(config, batch)
   micro = jax.tree.map(split, batch)
   step_rng = jax.random.fold_in(jax.random.key(config.seed), state["step"])
-  grad_fn = jax.grad(functools.partial(_micro_loss, config=config), has_aux=True)
+  grad_fn = jax.grad(functools.partial(_micro_loss, config=config, mesh=mesh), has_aux=True)
 
   def accumulate(carry, xs):
     micro_batch, i = xs
@@ -209,11 +210,12 @@ def train_step(state: PyTree, teacher_params: PyTree | None, batch: PyTree,
 
 
 def eval_step(params: PyTree, teacher_params: PyTree | None, batch: PyTree, *,
-              config: StepConfig) -> dict[str, jax.Array]:
+              config: StepConfig, mesh: Mesh | None = None) -> dict[str, jax.Array]:
   """Sums over a batch's masked positions: NLL and correct predictions of student (and teacher),
   and teacher-student top-1 agreement and KL at T=1. `summarize_eval` turns them into metrics."""
   eval_config = dataclasses.replace(config, restrict_ce_to_mask=True, gather_logits=True)
-  student, teacher, valid, labels = _forward(eval_config, params, teacher_params, batch, None)
+  student, teacher, valid, labels = _forward(eval_config, params, teacher_params, batch, None,
+                                             mesh)
   correct, count = losses.masked_accuracy(student.logits, labels)
   sums = {"count": count, "student_correct": correct,
           "student_nll": losses.mlm_loss(student.logits, labels) * count}
@@ -245,7 +247,7 @@ def jit_steps(config: StepConfig, tx: optax.GradientTransformation, mesh: Mesh,
   train = jax.jit(functools.partial(train_step, config=config, tx=tx, mesh=mesh),
                   in_shardings=(state_shardings, teacher_shardings, batch, replicated),
                   out_shardings=(state_shardings, replicated), donate_argnums=0)
-  evaluate = jax.jit(functools.partial(eval_step, config=config),
+  evaluate = jax.jit(functools.partial(eval_step, config=config, mesh=mesh),
                      in_shardings=(state_shardings["params"], teacher_shardings, batch),
                      out_shardings=replicated)
   return train, evaluate

@@ -18,16 +18,12 @@ def get_config():
   config = common.get_config()
   config.teacher = "minilm"
   config.adapt_teacher = teacher_mlm.get_config()
+  # Stage 2 reads the same data, with the same budget, as stage 1.
+  config.data = config.adapt_teacher.data.copy_and_resolve_references()
+  for key in ("total_steps", "log_every_steps", "eval_every_steps", "checkpoint_every_steps",
+              "fill_mask"):
+    config[key] = config.adapt_teacher[key]
   config.student.num_layers = 3
   config.distill.restrict_ce_to_mask = True
-  config.data.batch_size = 32
-  config.data.pack = True
-  config.data.mlm_smoothing = 0.0
-  config.data.eval_examples = 300
   config.optim.lr_peak = 2e-4
-  config.total_steps = 60
-  config.log_every_steps = 10
-  config.eval_every_steps = 30
-  config.checkpoint_every_steps = 30
-  config.fill_mask = "The capital of France is [MASK]."
   return config
