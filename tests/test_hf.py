@@ -10,9 +10,9 @@ import safetensors.numpy
 import tokenizers
 import torch
 import transformers
-from conftest import save_random_bert
 
 from distil_jax import hf, models, resources, student
+from distil_jax.testing import save_random_bert
 
 SENTENCES = ["The quick brown fox jumps over the lazy dog.",
              "Paris is the capital and most populous city of France.",

@@ -100,6 +100,7 @@ def _prepare(kind: str, paths: tuple[str, ...], field: str, data_dir: pathlib.Pa
   config = TextCorpusConfig(name=name, kind=kind, paths=paths, field=field)
   with files.exclusive_lock(data_dir / f"text_corpus-{name}.lock"):  # The builder reads its info.
     builder = TextCorpus(config=config, data_dir=str(data_dir), file_format="array_record")
+    tfds.disable_progress_bar()  # Its "Downloading..." would mislead: nothing is downloaded.
     builder.download_and_prepare(file_format="array_record")
   return Documents(builder.as_data_source(split="train"), "text", builder.info.full_name)
 
