@@ -60,6 +60,10 @@ def _name_table(config: models.ModelConfig, layout: str) -> dict[tuple[str, ...]
   return table
 
 
+def _mlm_head_names(config: models.ModelConfig, layout: str) -> set[str]:
+  return {name for path, name in _name_table(config, layout).items() if path[0] == "mlm_head"}
+
+
 def _to_torch_layout(path: tuple[str, ...], x: np.ndarray) -> np.ndarray:
   """Our array -> HuggingFace's: kernels [*in, *out] become Linear weights [out, in]."""
   if path[-1] != "kernel":
@@ -162,9 +166,8 @@ def from_hf_state_dict(config: models.ModelConfig, state: dict, layout: str, *,
   table = _name_table(config, layout)
   shapes = traverse_util.flatten_dict(nn.meta.unbox(models.abstract_params(config)))
   missing = sorted(name for name in table.values() if name not in state)
-  head = {name for path, name in table.items() if path[0] == "mlm_head"}
   flat = {}
-  if missing and set(missing) <= head:
+  if missing and set(missing) <= _mlm_head_names(config, layout):
     logging.warning("%s has no MLM head (a %s encoder checkpoint): the MLM head is newly "
                     "initialised; adapt it by MLM training (experiments/teacher_mlm.py) "
                     "before distilling.", source, layout)
@@ -206,11 +209,9 @@ def resolve(path_or_name: str | os.PathLike) -> pathlib.Path:
 def has_mlm_head(path_or_name: str | os.PathLike) -> bool:
   """Whether the checkpoint has trained MLM head weights (a `BertModel` has none)."""
   directory = resolve(path_or_name)
-  _, layout = read_config(directory)
-  names = {name.removeprefix("bert.").removeprefix("distilbert.")
-           for name in _read_weights(directory)}
-  return ("cls.predictions.transform.dense.weight" if layout == "bert"
-          else "vocab_transform.weight") in names
+  config, layout = read_config(directory)
+  state = _canonical_names(_read_weights(directory), layout)
+  return _mlm_head_names(config, layout) <= set(state)
 
 
 def load_bert(path_or_name: str | os.PathLike, seed: int = 0

@@ -51,6 +51,9 @@ def teacher_directory(config: ml_collections.ConfigDict, workdir: pathlib.Path) 
     if not (stage / "export" / "config.json").exists():
       logging.info("Adapting the teacher with MLM training into %s.", stage)
       train_and_evaluate(config.adapt_teacher, stage)
+    if not (stage / "export" / "config.json").exists():  # Preempted: it saved a checkpoint.
+      logging.info("The teacher adaptation in %s stopped early; start again to resume.", stage)
+      sys.exit(0)
     return stage / "export"
   return resources.minilm_dir() if config.teacher == "minilm" else hf.resolve(config.teacher)
 

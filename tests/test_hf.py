@@ -188,3 +188,8 @@ def test_count_params_table_shows_the_papers_sizes():
   from distil_jax import count_params
   text = count_params.table(["bert-base-uncased"])
   assert "109,514,298" in text and "66,985,530" in text and "-38.8%" in text
+
+
+def test_has_mlm_head_tells_encoder_checkpoints_apart(bert_dir):
+  assert hf.has_mlm_head(bert_dir)
+  assert not hf.has_mlm_head(resources.minilm_dir())
