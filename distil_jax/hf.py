@@ -12,6 +12,7 @@ import shutil
 
 import jax
 import numpy as np
+import safetensors
 import safetensors.numpy
 from absl import logging
 from flax import linen as nn
@@ -210,8 +211,15 @@ def has_mlm_head(path_or_name: str | os.PathLike) -> bool:
   """Whether the checkpoint has trained MLM head weights (a `BertModel` has none)."""
   directory = resolve(path_or_name)
   config, layout = read_config(directory)
-  state = _canonical_names(_read_weights(directory), layout)
-  return _mlm_head_names(config, layout) <= set(state)
+  shards = sorted(directory.glob("model*.safetensors"))
+  if shards:  # Only the names are needed, not the tensors.
+    names = {}
+    for shard in shards:
+      with safetensors.safe_open(shard, framework="np") as f:
+        names.update(dict.fromkeys(f.keys()))
+  else:
+    names = _read_weights(directory)
+  return _mlm_head_names(config, layout) <= set(_canonical_names(names, layout))
 
 
 def load_bert(path_or_name: str | os.PathLike, seed: int = 0

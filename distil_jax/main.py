@@ -48,10 +48,11 @@ def teacher_directory(config: ml_collections.ConfigDict, workdir: pathlib.Path) 
   """The teacher's HF directory: adapted first by an MLM-only run, if the config asks for it."""
   if config.adapt_teacher is not None:
     stage = workdir / "teacher"
-    if not (stage / "export" / "config.json").exists():
+    exported = lambda: (stage / "export" / "config.json").exists()
+    if not exported():
       logging.info("Adapting the teacher with MLM training into %s.", stage)
       train_and_evaluate(config.adapt_teacher, stage)
-    if not (stage / "export" / "config.json").exists():  # Preempted: it saved a checkpoint.
+    if not exported():  # Preempted: it saved a checkpoint.
       logging.info("The teacher adaptation in %s stopped early; start again to resume.", stage)
       sys.exit(0)
     return stage / "export"
@@ -110,8 +111,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   """Runs the experiment `config` in `workdir`; returns the final held-out metrics."""
   # ---------------------------------------------------------------- Config and workdir.
   workdir = pathlib.Path(workdir)
-  if jax.process_index() == 0:
-    checkpoint.write_config(workdir, config.to_dict())
+  checkpoint.write_config(workdir, config.to_dict())
 
   # ---------------------------------------------------------------- Teacher, model to train.
   teacher_dir = teacher_directory(config, workdir)

@@ -34,10 +34,10 @@ class MetricWriter:
     self._jsonl.flush()
 
   def train(self, step: int, scalars: dict[str, float], tokens: float,
-            flops_per_step: float, peak_flops: float) -> dict[str, float]:
+            flops_per_step: float, peak_flops: float) -> None:
     """Logs the train metrics of `step`, with throughput since the previous call.
 
-    `tokens` are real tokens since the previous call. Returns the scalars written.
+    `tokens` are real tokens since the previous call.
     """
     now = time.perf_counter()
     if self._last is not None:
@@ -47,7 +47,7 @@ class MetricWriter:
                  "mfu": flops_per_step * steps / seconds / (peak_flops * jax.device_count())}
     self._last, self._excluded = (now, step), 0.0
     if not self.enabled:
-      return scalars
+      return
     self._scalars(step, "train", scalars)
     parts = " ".join(f"{k.removeprefix('loss_')}={scalars[k]:.4g}" for k in sorted(scalars)
                      if k.startswith("loss_"))
@@ -60,7 +60,6 @@ class MetricWriter:
       line += (f" | {scalars['tokens_per_s']:,.0f} tok/s mfu={scalars['mfu']:.1%}"
                f" eta={_duration(eta)}")
     logging.info("%s", line)
-    return scalars
 
   def eval(self, step: int, scalars: dict[str, float]) -> None:
     if not self.enabled:

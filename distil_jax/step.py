@@ -116,13 +116,13 @@ def _logit_targets(config: StepConfig, batch: PyTree):
                                      losses.IGNORE_INDEX)
 
 
-def _counts(config: StepConfig, batch: PyTree) -> dict[str, jax.Array]:
-  """Positions each loss part averages over, to weight micro-batches exactly."""
-  _, valid, labels = _logit_targets(config, batch)
+def _counts(valid: jax.Array, labels: jax.Array, attention_mask: jax.Array
+            ) -> dict[str, jax.Array]:
+  """Positions each loss part averages over (from `_logit_targets`), to weight micro-batches."""
   count = lambda x: jnp.sum(x).astype(jnp.float32)
   n_ce = count(valid)
   return {"loss_ce": n_ce, "loss_mse": n_ce, "loss_mlm": count(labels != losses.IGNORE_INDEX),
-          "loss_cos": count(batch["attention_mask"] > 0)}
+          "loss_cos": count(attention_mask > 0)}
 
 
 def _forward(config: StepConfig, params: PyTree, teacher_params: PyTree | None, batch: PyTree,
@@ -150,7 +150,8 @@ def _forward(config: StepConfig, params: PyTree, teacher_params: PyTree | None, 
 def _micro_loss(params, teacher_params, batch, weights, totals, rng, config, mesh):
   """A micro-batch's share of the full batch's loss, and its metrics as sums."""
   student, teacher, valid, labels = _forward(config, params, teacher_params, batch, rng, mesh)
-  frac = {k: n / jnp.maximum(totals[k], 1.0) for k, n in _counts(config, batch).items()}
+  counts = _counts(valid, labels, batch["attention_mask"])
+  frac = {k: n / jnp.maximum(totals[k], 1.0) for k, n in counts.items()}
   scaled = weights._replace(**{f"alpha_{part}": getattr(weights, f"alpha_{part}") * frac[
       f"loss_{part}"] for part in ("ce", "mlm", "cos", "mse")})
   total, parts = losses.distillation_loss(student, teacher, labels, valid,
@@ -182,7 +183,7 @@ def train_step(state: PyTree, teacher_params: PyTree | None, batch: PyTree,
       return x
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(None, sharding.BATCH_AXES)))
 
-  totals = _counts(config, batch)
+  totals = _counts(*_logit_targets(config, batch)[1:], batch["attention_mask"])
   micro = jax.tree.map(split, batch)
   step_rng = jax.random.fold_in(jax.random.key(config.seed), state["step"])
   grad_fn = jax.grad(functools.partial(_micro_loss, config=config, mesh=mesh), has_aux=True)
