@@ -13,7 +13,8 @@ from absl import logging
 
 class MetricWriter:
   """Writes train and eval scalars to the console, WORKDIR/tensorboard and WORKDIR/metrics.jsonl
-  (one JSON object per line: {"step", "kind": "train" or "eval", scalars...})."""
+  (one JSON object per line: {"step", "kind": "train" or "eval", "time": Unix seconds,
+  scalars...})."""
 
   def __init__(self, workdir: pathlib.Path, total_steps: int):
     self.total_steps = total_steps
@@ -30,7 +31,8 @@ class MetricWriter:
     for name, value in scalars.items():
       self._tensorboard.add_scalar(f"{kind}/{name}", value, step)
     self._tensorboard.flush()
-    self._jsonl.write(json.dumps({"step": step, "kind": kind, **scalars}) + "\n")
+    row = {"step": step, "kind": kind, "time": round(time.time(), 3), **scalars}
+    self._jsonl.write(json.dumps(row) + "\n")
     self._jsonl.flush()
 
   def train(self, step: int, scalars: dict[str, float], tokens: float,

@@ -1,10 +1,14 @@
 """Endless masked train batches and fixed eval batches; each process reads its own shard.
 
 Per source, the first `eval_examples` documents (split between sources by size) are held out for
-eval; every process reads all of them. Process i of n tokenizes and reads only the i-th of n
-contiguous slices of the remaining documents, so that together the processes see every train
-sequence once per epoch. Token counts (for mlm_smoothing) and bucket sizes are summed over
-processes, so every process masks with the same weights and pads step k to the same length.
+eval; every process reads all of them. Eval batches are masked the standard way, not as training
+masks: `mask_prob` of the real non-special tokens, chosen uniformly, every one replaced by [MASK],
+with a fixed random stream, so that every run and seed is evaluated on the same positions.
+
+Process i of n tokenizes and reads only the i-th of n contiguous slices of the remaining
+documents, so that together the processes see every train sequence once per epoch. Token counts
+(for mlm_smoothing) and bucket sizes are summed over processes, so every process masks with the
+same weights and pads step k to the same length.
 """
 
 import functools
@@ -65,19 +69,20 @@ def make_datasets(config: ml_collections.ConfigDict, tokenizer_dir: str | os.Pat
   logging.info("Process %d/%d: %d train sequences (%d tokens), %d eval sequences.", process_index,
                process_count, len(train), train.lengths.sum(), len(eval_sequences))
 
-  masked = functools.partial(
-      _masked, vocab_size=vocab_size, special_ids=special, mask_id=special.mask,
-      mask_prob=config.mask_prob, mask_token_frac=config.mask_token_frac,
-      random_token_frac=config.random_token_frac,
+  masked = functools.partial(_masked, vocab_size=vocab_size, special_ids=special,
+                             mask_id=special.mask, mask_prob=config.mask_prob)
+  train_masked = functools.partial(
+      masked, mask_token_frac=config.mask_token_frac, random_token_frac=config.random_token_frac,
       token_weights=smoothed_token_weights(token_counts, config.mlm_smoothing))
   local_batch = config.batch_size // process_count
   train_batches = _train_batches(buckets, bucket_lengths, bucket_sizes, local_batch, config.seed,
                                  special.pad, process_index)
   train_batches = train_batches.map_with_index(functools.partial(
-      masked, rng_seed=_stream_seed(config.seed, _TRAIN_MASKS, process_index)))
+      train_masked, rng_seed=_stream_seed(config.seed, _TRAIN_MASKS, process_index)))
   read_options = grain.ReadOptions(num_threads=config.read_threads,
                                    prefetch_buffer_size=2 * config.read_threads)
-  eval_masked = functools.partial(masked, rng_seed=_stream_seed(config.seed, _EVAL_MASKS))
+  eval_masked = functools.partial(masked, rng_seed=_stream_seed(_EVAL_MASKS),
+                                  mask_token_frac=1.0, random_token_frac=0.0)
   eval_batches = _eval_batches(eval_sequences, config.batch_size, config.max_len, special.pad,
                                eval_masked)
   rows = slice(process_index * local_batch, (process_index + 1) * local_batch)
