@@ -14,7 +14,7 @@ import jax
 from absl import app, flags
 
 from benchmarks import bench_data
-from distil_jax import data, hf, losses, perf, resources, sharding, step, student
+from distil_jax import data, hf, perf, resources, sharding, step, student
 
 _BATCH = flags.DEFINE_integer("batch", 32, "Sequences per step.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 128, "Tokens per sequence.")
@@ -50,7 +50,7 @@ def measure_steps(batch: dict, steps: int) -> list[dict]:
     state, teacher, train, _ = step.prepare(config, params, teacher_params if distill else None,
                                             tx, mesh)
     global_batch = data.global_batch(batch, sharding.batch_sharding(mesh))
-    weights = losses.LossWeights()
+    weights = step.Hyper()
     xla_flops = train.lower(state, teacher, global_batch, weights).compile().cost_analysis()[
         "flops"]
     state, metrics = train(state, teacher, global_batch, weights)

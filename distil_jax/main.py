@@ -145,7 +145,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       gather_logits=config.distill.gather_logits,
       max_predictions=config.distill.max_predictions or step.max_predictions(
           config.data.max_len, config.data.mask_prob),
-      accum_steps=config.accum_steps, seed=config.seed)
+      accum_steps=config.accum_steps)
   params = {"student": params}
   if config.distill.project_student_hidden and teacher_config:
     params["projection"] = step.init_projection(model_config.hidden_size,
@@ -155,7 +155,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                                                         mesh)
   del params, teacher_params
   batch_sharding = sharding.batch_sharding(mesh)
-  weights = loss_weights(config)
+  hyper = step.Hyper(loss_weights(config), jnp.float32(1.0), jnp.int32(config.seed))
   flops_per_step = perf.train_step_flops(step_config, config.data.batch_size,
                                          config.data.max_len)
 
@@ -180,7 +180,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   with checkpoint.PreemptionWatcher() as watcher:
     for step_index in range(first_step + 1, config.total_steps + 1):
       batch = data.global_batch(next(datasets.train), batch_sharding)
-      state, train_metrics = train_step(state, teacher, batch, weights)
+      state, train_metrics = train_step(state, teacher, batch, hyper)
       tokens = tokens + train_metrics["tokens"]  # Stays on device until the next log.
       if step_index % config.log_every_steps == 0 or step_index == config.total_steps:
         scalars = {k: float(v) for k, v in jax.device_get(train_metrics).items()}

@@ -31,11 +31,12 @@ def forward_flops(config: models.ModelConfig, seq_len: int, logit_positions: int
 
 
 def train_step_flops(config: step.StepConfig, batch_size: int, seq_len: int) -> float:
-  """FLOPs of one update: the student's forward and backward (3x forward), the teacher's
-  forward, on every (padded) position; logits where the step computes them."""
+  """FLOPs of one update: the student's forward and backward (3x forward, once per point of a
+  fused sweep), the teacher's forward (once), on every (padded) position; logits where the step
+  computes them."""
   gathered = config.gather_logits and (config.teacher is None or config.restrict_ce_to_mask)
   positions = min(config.max_predictions, seq_len) if gathered else seq_len
-  flops = 3 * forward_flops(config.student, seq_len, positions)
+  flops = 3 * max(config.num_points, 1) * forward_flops(config.student, seq_len, positions)
   if config.teacher is not None:
     flops += forward_flops(config.teacher, seq_len, positions)
   return batch_size * flops

@@ -104,6 +104,11 @@ def follow_params(abstract_tree, shardings_of_params, mesh: Mesh):
       lambda path, _: by_path.get(_dict_path(path), replicated), abstract_tree)
 
 
+def stacked(shardings):
+  """Shardings of the same arrays stacked on a new leading axis, which is replicated."""
+  return jax.tree.map(lambda s: NamedSharding(s.mesh, P(None, *s.spec)), shardings)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Batches shard their leading axis over the data-parallel mesh axes."""
   return NamedSharding(mesh, P(BATCH_AXES))

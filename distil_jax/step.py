@@ -1,8 +1,10 @@
 """The optimizer, the train state, and the train and eval steps of teacher and student together.
 
-`train_step` is a pure function of (state, teacher params, batch, loss weights): the loss weights
-and temperature are arrays, so a sweep is `jax.vmap` over a stacked state and stacked weights.
-With no teacher it trains the student on the MLM loss alone (how a teacher is adapted).
+`train_step` is a pure function of (state, teacher params, batch, hyper-parameters): the loss
+weights, temperature, learning-rate scale and dropout seed are arrays, so several runs (the points
+of a sweep) can be stacked on a leading axis and trained by one program, the teacher's forward
+computed once for all of them. With no teacher it trains the student on the MLM loss alone (how a
+teacher is adapted).
 """
 
 import dataclasses
@@ -10,6 +12,7 @@ import functools
 import math
 import re
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +20,7 @@ import optax
 from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from jax.typing import ArrayLike
 
 from distil_jax import losses, models, sharding
 
@@ -31,8 +35,15 @@ class StepConfig:
   restrict_ce_to_mask: bool = False  # L_ce on masked positions only (default: all real tokens).
   gather_logits: bool = True  # Vocabulary projection only where the losses need logits.
   max_predictions: int = 20  # Masked positions per sequence that the gather keeps.
-  accum_steps: int = 1  # Micro-batches per update.
-  seed: int = 0  # Dropout randomness: fold_in(key(seed), step).
+  accum_steps: int = 1  # Micro-batches per update (and per eval batch).
+  num_points: int = 0  # Runs stacked on a leading axis of state and hyper (0: no such axis).
+
+
+class Hyper(NamedTuple):
+  """A run's hyper-parameters that are arrays, so that the runs of a fused sweep may differ."""
+  weights: losses.LossWeights = losses.DEFAULT_WEIGHTS
+  lr_scale: ArrayLike = 1.0  # Multiplies the updates: the run's lr_peak over the optimizer's.
+  seed: ArrayLike = 0  # Dropout randomness: fold_in(key(seed), step).
 
 
 def max_predictions(seq_len: int, mask_prob: float) -> int:
@@ -90,17 +101,22 @@ def init_state(params: PyTree, tx: optax.GradientTransformation) -> PyTree:
 
 
 def create_state(params: PyTree, tx: optax.GradientTransformation, param_shardings: PyTree,
-                 mesh: Mesh) -> tuple[PyTree, PyTree]:
+                 mesh: Mesh, num_points: int = 0) -> tuple[PyTree, PyTree]:
   """The state created already sharded: eval_shape, then a jitted init with out_shardings.
 
-  `params` are host arrays, the same on every process. Returns (state, its shardings).
+  `params` are host arrays, the same on every process; with `num_points`, stacked on a leading
+  points axis (and `param_shardings` too), which the state then has in every leaf.
+  Returns (state, its shardings).
   """
-  abstract = jax.eval_shape(functools.partial(init_state, tx=tx), params)
+  init = functools.partial(init_state, tx=tx)
+  if num_points:
+    init = jax.vmap(init)
+  abstract = jax.eval_shape(init, params)
   shardings = {"step": NamedSharding(mesh, P()), "params": param_shardings,
                "opt_state": sharding.follow_params(abstract["opt_state"], param_shardings, mesh)}
-  init = jax.jit(functools.partial(init_state, tx=tx), out_shardings=shardings,
-                 donate_argnums=0)
-  return init(sharding.put(params, param_shardings)), shardings
+  state = jax.jit(init, out_shardings=shardings, donate_argnums=0)(
+      sharding.put(params, param_shardings))
+  return state, shardings
 
 
 def _logit_targets(config: StepConfig, batch: PyTree):
@@ -125,31 +141,39 @@ def _counts(valid: jax.Array, labels: jax.Array, attention_mask: jax.Array
           "loss_cos": count(attention_mask > 0)}
 
 
-def _forward(config: StepConfig, params: PyTree, teacher_params: PyTree | None, batch: PyTree,
-             rng: jax.Array | None, mesh: Mesh | None):
-  """Student (and teacher) outputs at the positions the losses need."""
-  positions, valid, labels = _logit_targets(config, batch)
-  ids, mask = batch["input_ids"], batch["attention_mask"]
-  dropout = {} if rng is None else {"rngs": {"dropout": rng}}
+def _teacher_outputs(config: StepConfig, teacher_params: PyTree | None, batch: PyTree,
+                     positions: jax.Array | None, mesh: Mesh | None) -> losses.Outputs | None:
+  """The frozen teacher's outputs at `positions` (deterministic), or None without a teacher."""
+  if config.teacher is None:
+    return None
   pinned = None if mesh is None else sharding.batch_sharding(mesh)
+  t = models.Encoder(config.teacher, pinned).apply(
+      {"params": teacher_params}, batch["input_ids"], batch["attention_mask"],
+      logit_positions=positions)
+  return jax.lax.stop_gradient(losses.Outputs(t.logits, t.hidden_states[-1]))
+
+
+def _student_outputs(config: StepConfig, params: PyTree, batch: PyTree,
+                     positions: jax.Array | None, rng: jax.Array | None,
+                     mesh: Mesh | None) -> losses.Outputs:
+  """The student's outputs at `positions`, its hidden states projected if it has a projection.
+
+  Dropout is on when `rng` is given."""
+  pinned = None if mesh is None else sharding.batch_sharding(mesh)
+  dropout = {} if rng is None else {"rngs": {"dropout": rng}}
   out = models.Encoder(config.student, pinned).apply(
-      {"params": params["student"]}, ids, mask, logit_positions=positions,
-      deterministic=rng is None, **dropout)
+      {"params": params["student"]}, batch["input_ids"], batch["attention_mask"],
+      logit_positions=positions, deterministic=rng is None, **dropout)
   hidden = out.hidden_states[-1]
   if "projection" in params:
     hidden = hidden @ params["projection"]["kernel"] + params["projection"]["bias"]
-  student = losses.Outputs(out.logits, hidden)
-  teacher = None
-  if config.teacher is not None:
-    t = models.Encoder(config.teacher, pinned).apply({"params": teacher_params}, ids, mask,
-                                                     logit_positions=positions)
-    teacher = jax.lax.stop_gradient(losses.Outputs(t.logits, t.hidden_states[-1]))
-  return student, teacher, valid, labels
+  return losses.Outputs(out.logits, hidden)
 
 
-def _micro_loss(params, teacher_params, batch, weights, totals, rng, config, mesh):
+def _micro_loss(params, teacher, batch, targets, weights, totals, rng, config, mesh):
   """A micro-batch's share of the full batch's loss, and its metrics as sums."""
-  student, teacher, valid, labels = _forward(config, params, teacher_params, batch, rng, mesh)
+  positions, valid, labels = targets
+  student = _student_outputs(config, params, batch, positions, rng, mesh)
   counts = _counts(valid, labels, batch["attention_mask"])
   frac = {k: n / jnp.maximum(totals[k], 1.0) for k, n in counts.items()}
   scaled = weights._replace(**{f"alpha_{part}": getattr(weights, f"alpha_{part}") * frac[
@@ -168,41 +192,61 @@ def _micro_loss(params, teacher_params, batch, weights, totals, rng, config, mes
   return total, metrics
 
 
-def train_step(state: PyTree, teacher_params: PyTree | None, batch: PyTree,
-               weights: losses.LossWeights, *, config: StepConfig,
-               tx: optax.GradientTransformation, mesh: Mesh | None = None
+def _per_point(config: StepConfig, fn, num_stacked: int, num_args: int):
+  """`fn` mapped over the points axis of its first `num_stacked` arguments (the others are
+  shared), or `fn` itself when the state has no points axis."""
+  if not config.num_points:
+    return fn
+  return jax.vmap(fn, in_axes=(0,) * num_stacked + (None,) * (num_args - num_stacked))
+
+
+def _split(config: StepConfig, batch: PyTree, num_micro: int, mesh: Mesh | None) -> PyTree:
+  """[num_micro * micro, ...] -> [num_micro, micro, ...]; row r goes to micro-batch r % k, so
+  that each micro-batch spans every device."""
+  def split(x):
+    x = x.reshape(-1, num_micro, *x.shape[1:]).swapaxes(0, 1)
+    if mesh is None:
+      return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(None, sharding.BATCH_AXES)))
+  return jax.tree.map(split, batch)
+
+
+def train_step(state: PyTree, teacher_params: PyTree | None, batch: PyTree, hyper: Hyper, *,
+               config: StepConfig, tx: optax.GradientTransformation, mesh: Mesh | None = None
                ) -> tuple[PyTree, dict[str, jax.Array]]:
   """One update on `batch` ([accum_steps * micro, seq] arrays), split into micro-batches.
 
   Micro-batch losses are weighted by their share of each loss part's positions, so the update
-  equals the one on the whole batch at once.
+  equals the one on the whole batch at once. With `config.num_points`, `state`, `hyper` and the
+  returned metrics have a leading points axis: the teacher runs once per micro-batch and the
+  student's forward, backward and update are vmapped over the points.
   """
-  def split(x):  # Row r goes to micro-batch r % k, so each micro-batch spans every device.
-    x = x.reshape(-1, config.accum_steps, *x.shape[1:]).swapaxes(0, 1)
-    if mesh is None:
-      return x
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(None, sharding.BATCH_AXES)))
-
   totals = _counts(*_logit_targets(config, batch)[1:], batch["attention_mask"])
-  micro = jax.tree.map(split, batch)
-  step_rng = jax.random.fold_in(jax.random.key(config.seed), state["step"])
-  grad_fn = jax.grad(functools.partial(_micro_loss, config=config, mesh=mesh), has_aux=True)
 
-  def accumulate(carry, xs):
-    micro_batch, i = xs
-    grads, metrics = grad_fn(state["params"], teacher_params, micro_batch, weights, totals,
-                             jax.random.fold_in(step_rng, i))
-    return jax.tree.map(jnp.add, carry, (grads, metrics)), None
+  def point_grads(params, step, hyper, teacher, micro_batch, targets, i):
+    rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(hyper.seed), step), i)
+    return jax.grad(_micro_loss, has_aux=True)(params, teacher, micro_batch, targets,
+                                               hyper.weights, totals, rng, config, mesh)
+  point_grads = _per_point(config, point_grads, 3, 7)
 
+  def micro_grads(micro_batch, i):
+    targets = _logit_targets(config, micro_batch)
+    teacher = _teacher_outputs(config, teacher_params, micro_batch, targets[0], mesh)
+    return point_grads(state["params"], state["step"], hyper, teacher, micro_batch, targets, i)
+
+  micro = _split(config, batch, config.accum_steps, mesh)
   zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-      grad_fn, state["params"], teacher_params, jax.tree.map(lambda x: x[0], micro), weights,
-      totals, step_rng))
-  (grads, metrics), _ = jax.lax.scan(accumulate, zeros,
-                                     (micro, jnp.arange(config.accum_steps)))
-  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-  new_state = {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
-               "opt_state": opt_state}
-  metrics["grad_norm"] = optax.global_norm(grads)
+      micro_grads, jax.tree.map(lambda x: x[0], micro), 0))
+  (grads, metrics), _ = jax.lax.scan(
+      lambda carry, xs: (jax.tree.map(jnp.add, carry, micro_grads(*xs)), None), zeros,
+      (micro, jnp.arange(config.accum_steps)))
+
+  def point_update(state, grads, hyper):
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    updates = jax.tree.map(lambda u: u * jnp.asarray(hyper.lr_scale, u.dtype), updates)
+    return ({"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
+             "opt_state": opt_state}, optax.global_norm(grads))
+  new_state, metrics["grad_norm"] = _per_point(config, point_update, 3, 3)(state, grads, hyper)
   metrics["student_accuracy"] = metrics.pop("student_correct") / jnp.maximum(metrics["masked"], 1)
   if "teacher_correct" in metrics:
     metrics["teacher_accuracy"] = metrics.pop("teacher_correct") / jnp.maximum(
@@ -213,18 +257,37 @@ def train_step(state: PyTree, teacher_params: PyTree | None, batch: PyTree,
 def eval_step(params: PyTree, teacher_params: PyTree | None, batch: PyTree, *,
               config: StepConfig, mesh: Mesh | None = None) -> dict[str, jax.Array]:
   """Sums over a batch's masked positions: NLL and correct predictions of student (and teacher),
-  and teacher-student top-1 agreement and KL at T=1. `summarize_eval` turns them into metrics."""
-  eval_config = dataclasses.replace(config, restrict_ce_to_mask=True, gather_logits=True)
-  student, teacher, valid, labels = _forward(eval_config, params, teacher_params, batch, None,
-                                             mesh)
-  correct, count = losses.masked_accuracy(student.logits, labels)
-  sums = {"count": count, "student_correct": correct,
-          "student_nll": losses.mlm_loss(student.logits, labels) * count}
-  if teacher is not None:
-    sums["teacher_correct"], _ = losses.masked_accuracy(teacher.logits, labels)
-    sums["teacher_nll"] = losses.mlm_loss(teacher.logits, labels) * count
-    sums["agreement"] = losses.top1_agreement(student.logits, teacher.logits, valid) * count
-    sums["kl"] = losses.kd_loss(student.logits, teacher.logits, valid, 1.0) * count
+  and teacher-student top-1 agreement and KL at T=1. `summarize_eval` turns them into metrics.
+
+  The batch is evaluated in `config.accum_steps` micro-batches, as training splits it. With
+  `config.num_points`, `params` and the sums have a leading points axis.
+  """
+  config = dataclasses.replace(config, restrict_ce_to_mask=True, gather_logits=True)
+
+  def point_sums(params, teacher, micro_batch, targets):
+    positions, valid, labels = targets
+    student = _student_outputs(config, params, micro_batch, positions, None, mesh)
+    correct, count = losses.masked_accuracy(student.logits, labels)
+    sums = {"count": count, "student_correct": correct,
+            "student_nll": losses.mlm_loss(student.logits, labels) * count}
+    if teacher is not None:
+      sums["teacher_correct"], _ = losses.masked_accuracy(teacher.logits, labels)
+      sums["teacher_nll"] = losses.mlm_loss(teacher.logits, labels) * count
+      sums["agreement"] = losses.top1_agreement(student.logits, teacher.logits, valid) * count
+      sums["kl"] = losses.kd_loss(student.logits, teacher.logits, valid, 1.0) * count
+    return sums
+  point_sums = _per_point(config, point_sums, 1, 4)
+
+  def micro_sums(micro_batch):
+    targets = _logit_targets(config, micro_batch)
+    teacher = _teacher_outputs(config, teacher_params, micro_batch, targets[0], mesh)
+    return point_sums(params, teacher, micro_batch, targets)
+
+  micro = _split(config, batch, config.accum_steps, mesh)
+  zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+      micro_sums, jax.tree.map(lambda x: x[0], micro)))
+  sums, _ = jax.lax.scan(lambda carry, b: (jax.tree.map(jnp.add, carry, micro_sums(b)), None),
+                         zeros, micro)
   return sums
 
 
@@ -259,13 +322,18 @@ def prepare(config: StepConfig, params: PyTree, teacher_params: PyTree | None,
   """Everything a train loop needs, sharded on `mesh` by the logical-axis rules.
 
   `params` ({"student", ["projection"]}) and `teacher_params` are host arrays, the same on every
-  process. Returns (train state, teacher params on the mesh, jitted train step, jitted eval step).
+  process; with `config.num_points`, `params` are stacked on a leading points axis, which stays
+  replicated: every device holds every point, so the batch shards exactly as in a single run and
+  the teacher's outputs on a device's rows serve all points. Returns (train state, teacher params
+  on the mesh, jitted train step, jitted eval step).
   """
   param_shardings = {"student": sharding.param_shardings(
       models.abstract_params(config.student), mesh)}
   if "projection" in params:
     param_shardings["projection"] = sharding.follow_params(params["projection"], {}, mesh)
-  state, state_shardings = create_state(params, tx, param_shardings, mesh)
+  if config.num_points:
+    param_shardings = sharding.stacked(param_shardings)
+  state, state_shardings = create_state(params, tx, param_shardings, mesh, config.num_points)
   teacher, teacher_shardings = None, None
   if config.teacher is not None:
     teacher_shardings = sharding.param_shardings(models.abstract_params(config.teacher), mesh)

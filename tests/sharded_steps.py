@@ -14,7 +14,7 @@ import numpy as np
 from flax import traverse_util
 from helpers import random_batch, setup
 
-from distil_jax import losses, sharding
+from distil_jax import sharding, step
 
 MESHES = {"single": (1, 1, 1), "data8": (8, 1, 1), "data2_fsdp4": (2, 4, 1),
           "data2_fsdp2_tensor2": (2, 2, 2)}
@@ -32,7 +32,7 @@ def main(out_dir: str) -> None:
                 lr=0.05)
     state, step_losses = run["state"], []
     for _ in range(3):
-      state, metrics = run["train"](state, run["teacher"], batch, losses.LossWeights())
+      state, metrics = run["train"](state, run["teacher"], batch, step.Hyper())
       step_losses.append(float(metrics["loss"]))
     flat = traverse_util.flatten_dict(state["params"]["student"], sep="/")
     np.savez(os.path.join(out_dir, f"{name}.npz"), losses=step_losses,

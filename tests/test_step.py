@@ -7,7 +7,7 @@ from helpers import fresh_state, random_batch, setup
 
 from distil_jax import losses, models, step
 
-WEIGHTS = losses.LossWeights()
+WEIGHTS = step.Hyper()
 
 
 def _leaves_equal(a, b):
@@ -101,8 +101,8 @@ def test_learning_rate_schedule_warms_up_then_decays():
 
 def test_mlm_only_training_without_teacher():
   run = setup(with_teacher=False)
-  state, metrics = run["train"](fresh_state(run), None, random_batch(8), WEIGHTS._replace(
-      alpha_mlm=1.0))
+  state, metrics = run["train"](fresh_state(run), None, random_batch(8), step.Hyper(
+      losses.LossWeights(alpha_mlm=1.0)))
   assert set(metrics) >= {"loss", "loss_mlm", "student_accuracy"}
   assert "loss_ce" not in metrics and "teacher_accuracy" not in metrics
   np.testing.assert_allclose(metrics["loss"], metrics["loss_mlm"], rtol=1e-6)
