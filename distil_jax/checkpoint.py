@@ -120,6 +120,10 @@ class Checkpointer:
     """The last saved step, or None when there is no checkpoint."""
     return self._manager.latest_step()
 
+  def all_steps(self) -> list[int]:
+    """The saved steps, ascending."""
+    return sorted(self._manager.all_steps())
+
   def best_step(self) -> int | None:
     """The kept step of lowest eval loss (None if none has one; the latest without `keep_best`)."""
     return self._manager.best_step()

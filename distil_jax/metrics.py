@@ -5,7 +5,7 @@ import json
 import math
 import pathlib
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import jax
 from absl import logging
@@ -16,8 +16,9 @@ class MetricWriter:
   (one JSON object per line: {"step", "kind": "train" or "eval", "time": Unix seconds,
   scalars...})."""
 
-  def __init__(self, workdir: pathlib.Path, total_steps: int):
+  def __init__(self, workdir: pathlib.Path, total_steps: int, name: str = ""):
     self.total_steps = total_steps
+    self.prefix = f"{name}: " if name else ""
     self.enabled = jax.process_index() == 0
     self._tensorboard = self._jsonl = None
     if self.enabled:
@@ -53,7 +54,7 @@ class MetricWriter:
     self._scalars(step, "train", scalars)
     parts = " ".join(f"{k.removeprefix('loss_')}={scalars[k]:.4g}" for k in sorted(scalars)
                      if k.startswith("loss_"))
-    line = f"step {step}/{self.total_steps} loss={scalars['loss']:.4g} ({parts})"
+    line = f"{self.prefix}step {step}/{self.total_steps} loss={scalars['loss']:.4g} ({parts})"
     line += f" acc={scalars['student_accuracy']:.3f}"
     if "teacher_accuracy" in scalars:
       line += f" teacher_acc={scalars['teacher_accuracy']:.3f}"
@@ -67,22 +68,24 @@ class MetricWriter:
     if not self.enabled:
       return
     self._scalars(step, "eval", scalars)
-    logging.info("eval step %d: %s", step, " ".join(
+    logging.info("%seval step %d: %s", self.prefix, step, " ".join(
         f"{name}={value:.4g}" for name, value in sorted(scalars.items())))
-
-  @contextlib.contextmanager
-  def paused(self) -> Iterator[None]:
-    """Excludes the time spent in the block (evaluation, saving) from the throughput."""
-    start = time.perf_counter()
-    try:
-      yield
-    finally:
-      self._excluded += time.perf_counter() - start
 
   def close(self) -> None:
     if self.enabled:
       self._tensorboard.close()
       self._jsonl.close()
+
+
+@contextlib.contextmanager
+def paused(writers: Sequence[MetricWriter]) -> Iterator[None]:
+  """Excludes the time spent in the block (evaluation, saving) from the writers' throughput."""
+  start = time.perf_counter()
+  try:
+    yield
+  finally:
+    for writer in writers:
+      writer._excluded += time.perf_counter() - start
 
 
 def _duration(seconds: float) -> str:

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 
-from distil_jax import losses, models, sharding, step, student
+from distil_jax import losses, models, points, sharding, step, student
 
 VOCAB, SEQ = 64, 12
 TEACHER = models.ModelConfig(vocab_size=VOCAB, hidden_size=16, num_layers=4, num_heads=2,
@@ -34,10 +34,10 @@ def random_batch(batch_size: int, seed: int = 0, mask_every: int = 4) -> dict:
 @functools.cache
 def setup(teacher_config=TEACHER, student_layers=(0, 3), *, with_teacher=True, project=False,
           frozen=(), lr=1e-2, sgd=False, accum_steps=1, restrict_ce_to_mask=False,
-          gather_logits=True, weight_decay=0.0, mesh=None, seed=0):
+          gather_logits=True, weight_decay=0.0, mesh=None, seed=0, num_points=0):
   """Teacher, student, optimizer (AdamW, or SGD with `sgd`), sharded state and compiled steps on
-  `mesh` (one device by default). Cached: take the state with `fresh_state`, since the train
-  step donates it."""
+  `mesh` (one device by default); with `num_points`, that many copies of the student stacked.
+  Cached: take the state with `fresh_state`, since the train step donates it."""
   # BERT's init (std 0.02) makes near-identity layers and flat logits; larger weights matter.
   teacher_params = traverse_util.path_aware_map(
       lambda path, x: x * 25 if path[-1] in ("kernel", "embedding") else x,
@@ -51,12 +51,14 @@ def setup(teacher_config=TEACHER, student_layers=(0, 3), *, with_teacher=True, p
   config = step.StepConfig(student=student_config,
                            teacher=teacher_config if with_teacher else None,
                            restrict_ce_to_mask=restrict_ce_to_mask, gather_logits=gather_logits,
-                           max_predictions=6, accum_steps=accum_steps)
+                           max_predictions=6, accum_steps=accum_steps, num_points=num_points)
   tx = optax.sgd(lr) if sgd else step.make_optimizer(
       total_steps=200, lr_peak=lr, warmup_steps=0, frozen=frozen, weight_decay=weight_decay)[0]
   params = {"student": student_params}
   if project:
     params["projection"] = step.init_projection(8, teacher_config.hidden_size)
+  if num_points:
+    params = points.stack([params] * num_points)
   state, teacher, train, evaluate = step.prepare(
       config, params, teacher_params if with_teacher else None, tx, mesh)
   return dict(state=state, teacher=teacher, train=train, evaluate=evaluate, config=config,

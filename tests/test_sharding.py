@@ -36,6 +36,20 @@ def test_meshes_match_a_single_device(runs, mesh):
     np.testing.assert_allclose(sharded[key], single[key], atol=1e-5, err_msg=key)
 
 
+def test_fused_points_on_a_mesh_match_a_single_device(runs):
+  """A fused sweep step under a (data=2, fsdp=2, tensor=2) mesh: point axis replicated, each
+  point's parameters sharded as in a single run, results as on one device."""
+  results, specs = runs
+  single, sharded = results["fused_single"], results["fused_data2_fsdp2_tensor2"]
+  assert single["losses"].shape == (3, 2) and single["losses"][0, 0] != single["losses"][0, 1]
+  np.testing.assert_allclose(sharded["losses"], single["losses"], rtol=1e-5)
+  for key in single:
+    np.testing.assert_allclose(sharded[key], single[key], atol=1e-5, err_msg=key)
+  fused = specs["fused_data2_fsdp2_tensor2"]
+  assert fused["layer_0/attention/query/kernel"] == [None, "fsdp", "tensor", None]
+  assert fused["embeddings/word_embeddings/embedding"] == [None, "tensor", "fsdp"]
+
+
 def test_parameters_are_sharded_by_the_rules(runs):
   _, specs = runs
   full = specs["data2_fsdp2_tensor2"]

@@ -1,0 +1,43 @@
+"""What the commands share: flag parsing with one-line errors, logging, the multi-host runtime."""
+
+import logging as std_logging
+import re
+import sys
+
+import jax
+from absl import app, flags, logging
+
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Start JAX's multi-host runtime (jax.distributed.initialize()) first: "
+    "auto-detected on TPU VMs, or given by --coordinator_address, --num_processes, --process_id.")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a one-line error for an unknown --config.KEY override."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:  # How ml_collections refuses an unknown key.
+    key = (re.findall(r"\w+", str(e).split("Did you mean")[0]) or ["?"])[0]
+    hint = re.search(r'Did you mean "(\w+)"', str(e))
+    sys.exit(f"FATAL unknown config key {key!r} in the overrides"
+             + (f': did you mean "{hint[1]}"?' if hint else "")
+             + " (the keys are in experiments/common.py)")
+
+
+class _OwnLogs(std_logging.Filter):
+  """Keeps this package's INFO lines and every warning; libraries' INFO chatter is dropped."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return record.levelno >= std_logging.WARNING or "distil_jax" in record.pathname
+
+
+def start() -> None:
+  """Quiets libraries' INFO logs and starts the multi-host runtime if asked: call it first."""
+  logging.get_absl_handler().addFilter(_OwnLogs())
+  if _DISTRIBUTED.value:
+    jax.distributed.initialize()
+
+
+def run(main) -> None:
+  """`app.run(main)` with the shared flag parsing."""
+  app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,344 @@
+"""The train loop of `main` (one run) and of `sweep` (the fused points of a sweep group).
+
+`run(configs, workdirs)` trains one run, or several runs that share teacher, data, shapes and step
+count (they may differ in `FUSABLE_KEYS`) stacked on a points axis and trained by one compiled
+step. Every run has its own workdir, a complete single-run workdir whichever way it was trained.
+
+Sections: config and workdirs, teacher, models to train, data, mesh and sharded state, resume,
+train loop with evaluation and checkpoints, export.
+"""
+
+import dataclasses
+import json
+import math
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from etils import epath
+from jax.experimental import multihost_utils
+
+from distil_jax import (
+    checkpoint,
+    data,
+    hf,
+    losses,
+    metrics,
+    models,
+    perf,
+    points,
+    resources,
+    sharding,
+    step,
+    student,
+)
+
+# Keys in which fused runs may differ: the step takes them as arrays, or they only change the
+# initial parameters. Any other difference needs a run (or a fused group) of its own.
+FUSABLE_KEYS = ("distill.temperature", "distill.alpha_ce", "distill.alpha_mlm",
+                "distill.alpha_cos", "distill.alpha_mse", "optim.lr_peak", "seed",
+                "student.init", "student.layers", "student.fold_token_type")
+
+
+def flatten(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Every leaf of `config` by its dotted key, e.g. {"distill.temperature": 2.0, ...}."""
+  flat = {}
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      flat.update({f"{key}.{k}": v for k, v in flatten(value).items()})
+    else:
+      flat[key] = value
+  return flat
+
+
+def fusion_key(config: ml_collections.ConfigDict) -> str:
+  """Equal for configs whose runs can be fused: everything but `FUSABLE_KEYS`."""
+  rest = {k: v for k, v in flatten(config).items() if k not in FUSABLE_KEYS}
+  return json.dumps(rest, sort_keys=True, default=str)
+
+
+def teacher_directory(config: ml_collections.ConfigDict, workdir: epath.Path) -> epath.Path:
+  """The teacher's HF directory: adapted first by an MLM-only run into WORKDIR/teacher, if the
+  config asks for it."""
+  if config.adapt_teacher is not None:
+    stage = workdir / "teacher"
+    exported = lambda: (stage / "export" / "config.json").exists()
+    if not exported():
+      logging.info("Adapting the teacher with MLM training into %s.", stage)
+      run([config.adapt_teacher], [stage])
+    if not exported():  # Preempted: it saved a checkpoint.
+      logging.info("The teacher adaptation in %s stopped early; start again to resume.", stage)
+      sys.exit(0)
+    return stage / "export"
+  return resources.minilm_dir() if config.teacher == "minilm" else hf.resolve(config.teacher)
+
+
+def load_models(configs: Sequence[ml_collections.ConfigDict], teacher_dir: epath.Path):
+  """(model config, initial params of each run, teacher config or None, teacher params or None).
+
+  The teacher is read once per distinct seed (a checkpoint without an MLM head gets a fresh one,
+  seeded); a student is built from its teacher layers, or initialised at random."""
+  config = configs[0]
+  if config.mode not in ("distill", "mlm"):
+    raise ValueError(f"config.mode={config.mode!r} is unknown: use 'distill' or 'mlm'")
+  loaded = {}
+  for c in configs:
+    if c.seed not in loaded:
+      loaded[c.seed] = hf.load_bert(teacher_dir, seed=c.seed)
+  teacher_config, teacher_params = loaded[config.seed]
+  teacher_config = dataclasses.replace(teacher_config, dtype=config.dtype)
+  if config.mode == "mlm":
+    return teacher_config, [loaded[c.seed][1] for c in configs], None, None
+  students = [_student(c, teacher_config, teacher_params) for c in configs]
+  student_config = students[0][0]
+  teacher_config = dataclasses.replace(teacher_config, param_dtype=config.teacher_param_dtype)
+  teacher_params = jax.tree.map(lambda x: np.asarray(x, teacher_config.param_dtype),
+                                teacher_params)
+  if (student_config.hidden_size != teacher_config.hidden_size and config.distill.alpha_cos
+      and not config.distill.project_student_hidden):
+    raise ValueError(f"student hidden size {student_config.hidden_size} differs from the "
+                     f"teacher's {teacher_config.hidden_size}: set "
+                     "distill.project_student_hidden=True or distill.alpha_cos=0")
+  return student_config, [params for _, params in students], teacher_config, teacher_params
+
+
+def _student(config: ml_collections.ConfigDict, teacher_config: models.ModelConfig,
+             teacher_params: dict) -> tuple[models.ModelConfig, dict]:
+  layers = config.student.layers or student.every_other_layer(teacher_config.num_layers,
+                                                              config.student.num_layers)
+  student_config, params = student.student_from_teacher(
+      teacher_config, teacher_params, layers, config.student.fold_token_type)
+  if config.student.init == "random":
+    params = jax.tree.map(np.asarray, models.init_params(student_config, config.seed))
+  elif config.student.init != "teacher":
+    raise ValueError(f"config.student.init={config.student.init!r} is unknown: use 'teacher' "
+                     "(the paper's initialisation from teacher layers) or 'random'")
+  return student_config, params
+
+
+def loss_weights(config: ml_collections.ConfigDict) -> losses.LossWeights:
+  """The run's temperature and loss weights, as float32 arrays."""
+  d = config.distill
+  return losses.LossWeights(
+      temperature=jnp.float32(d.temperature), alpha_ce=jnp.float32(d.alpha_ce),
+      alpha_mlm=jnp.float32(d.alpha_mlm), alpha_cos=jnp.float32(d.alpha_cos),
+      alpha_mse=jnp.float32(d.alpha_mse))
+
+
+def hyper(config: ml_collections.ConfigDict, lr_peak: float) -> step.Hyper:
+  """The run's step hyper-parameters, for an optimizer built with peak learning rate `lr_peak`."""
+  return step.Hyper(loss_weights(config), jnp.float32(config.optim.lr_peak / lr_peak),
+                    jnp.int32(config.seed))
+
+
+def optimizer(config: ml_collections.ConfigDict):
+  o = config.optim
+  return step.make_optimizer(
+      total_steps=config.total_steps, lr_peak=o.lr_peak,
+      warmup_steps=int(o.warmup_frac * config.total_steps), b1=o.b1, b2=o.b2, eps=o.eps,
+      weight_decay=o.weight_decay, clip_norm=o.clip_norm, frozen=o.frozen,
+      lr_multipliers=o.lr_multipliers)
+
+
+def evaluate(eval_step, params, teacher, batches, batch_sharding, num_runs: int
+             ) -> list[dict[str, float]]:
+  """Held-out metrics of each run over `batches` (sums accumulated on device, fetched once)."""
+  sums = None
+  for batch in batches:
+    batch_sums = eval_step(params, teacher, data.global_batch(batch, batch_sharding))
+    sums = batch_sums if sums is None else jax.tree.map(jnp.add, sums, batch_sums)
+  sums = jax.device_get(sums)
+  if num_runs == 1:
+    return [step.summarize_eval(jax.tree.map(float, sums))]
+  return [step.summarize_eval({k: float(v[i]) for k, v in sums.items()})
+          for i in range(num_runs)]
+
+
+def run(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[epath.PathLike],
+        names: Sequence[str] | None = None) -> list[dict[str, float]]:
+  """Trains the runs `configs` in `workdirs`; returns each run's final held-out metrics.
+
+  Several runs must agree on everything but `FUSABLE_KEYS`; they are trained together, the
+  teacher's forward computed once per batch for all of them. `names` label their log lines.
+  """
+  # ---------------------------------------------------------------- Config and workdirs.
+  config, num_runs = configs[0], len(configs)
+  if len({fusion_key(c) for c in configs}) > 1:
+    raise ValueError("runs trained together must differ only in " + ", ".join(FUSABLE_KEYS))
+  workdirs = [epath.Path(w) for w in workdirs]
+  names = list(names) if names else [""] * num_runs
+  for c, workdir in zip(configs, workdirs, strict=True):
+    checkpoint.write_config(workdir, c.to_dict())
+
+  # ---------------------------------------------------------------- Teacher, models to train.
+  teacher_dir = teacher_directory(config, workdirs[0])
+  tokenizer_dir = epath.Path(config.tokenizer) if config.tokenizer else teacher_dir
+  model_config, params, teacher_config, teacher_params = load_models(configs, teacher_dir)
+  logging.info("Training %s%s: %s parameters each (teacher: %s).",
+               "a student" if teacher_config else "the teacher on MLM",
+               f" x {num_runs} runs fused" if num_runs > 1 else "",
+               f"{models.count_params(model_config):,}",
+               f"{models.count_params(teacher_config):,}" if teacher_config else "none")
+  for workdir in workdirs:
+    checkpoint.write_model(workdir, model_config, tokenizer_dir)
+
+  # ---------------------------------------------------------------- Data.
+  peak_flops = perf.peak_flops_per_device()  # Measured on CPU: before the loader's threads run.
+  datasets = data.make_datasets(config.data, tokenizer_dir, model_config.vocab_size)
+  eval_batches = datasets.eval[:config.eval_batches or None]
+  if config.mode == "mlm" and not hf.has_mlm_head(teacher_dir):
+    # Adam moves a parameter by about lr per step: a fresh head would need thousands of steps
+    # to learn the label frequencies that its bias can simply start from.
+    for p in params:
+      p["mlm_head"]["bias"] = data.label_log_prior(datasets.token_counts,
+                                                   config.data.mlm_smoothing)
+
+  # ---------------------------------------------------------------- Mesh, sharded state, steps.
+  mesh = sharding.make_mesh(config.mesh_shape)
+  if config.data.batch_size % (config.accum_steps * mesh.shape["data"] * mesh.shape["fsdp"]):
+    raise ValueError(f"data.batch_size={config.data.batch_size} must be a multiple of "
+                     f"accum_steps={config.accum_steps} times the data-parallel devices "
+                     f"({mesh.shape['data'] * mesh.shape['fsdp']}): change one of them")
+  step_config = step.StepConfig(
+      student=model_config, teacher=teacher_config,
+      restrict_ce_to_mask=config.distill.restrict_ce_to_mask,
+      gather_logits=config.distill.gather_logits,
+      max_predictions=config.distill.max_predictions or step.max_predictions(
+          config.data.max_len, config.data.mask_prob),
+      accum_steps=config.accum_steps, num_points=num_runs if num_runs > 1 else 0)
+  params = [{"student": p} for p in params]
+  if config.distill.project_student_hidden and teacher_config:
+    for p, c in zip(params, configs, strict=True):
+      p["projection"] = step.init_projection(model_config.hidden_size,
+                                             teacher_config.hidden_size, c.seed)
+  tx, schedule = optimizer(config)
+  hypers = [hyper(c, config.optim.lr_peak) for c in configs]
+  state, teacher, train_step, eval_step = step.prepare(
+      step_config, points.stack(params) if num_runs > 1 else params[0], teacher_params, tx,
+      mesh)
+  run_hyper = points.stack(hypers) if num_runs > 1 else hypers[0]
+  del params, teacher_params
+  batch_sharding = sharding.batch_sharding(mesh)
+  flops_per_step = perf.train_step_flops(step_config, config.data.batch_size,
+                                         config.data.max_len)
+  one_run = (lambda tree, i: tree) if num_runs == 1 else points.take
+
+  # ---------------------------------------------------------------- Resume.
+  ckpts = [checkpoint.Checkpointer(w, save_every_steps=config.checkpoint_every_steps,
+                                   keep_last=config.keep_checkpoints) for w in workdirs]
+  first_step = _resume_step(ckpts)
+  if first_step:
+    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            jax.eval_shape(one_run, state, 0),
+                            state_shardings if num_runs == 1 else points.one_point_shardings(
+                                state_shardings))
+    restored = [ckpt.restore(abstract, first_step) for ckpt in ckpts]
+    states = [s for s, _ in restored]
+    state = states[0] if num_runs == 1 else points.put_back(states, state_shardings)
+    datasets.train.set_state(restored[0][1])
+    logging.info("Resumed from step %d of %s.", first_step, ", ".join(map(str, workdirs)))
+
+  # ---------------------------------------------------------------- Train loop.
+  writers = [metrics.MetricWriter(w, config.total_steps, name)
+             for w, name in zip(workdirs, names, strict=True)]
+  run_evaluate = lambda: evaluate(eval_step, state["params"], teacher, eval_batches,
+                                  batch_sharding, num_runs)
+  eval_metrics = [{}] * num_runs
+  if first_step == 0:  # Where the students start, to see them close on the teacher.
+    for writer, m in zip(writers, run_evaluate(), strict=True):
+      writer.eval(0, m)
+  tokens = 0.0
+  with checkpoint.PreemptionWatcher() as watcher:
+    for step_index in range(first_step + 1, config.total_steps + 1):
+      batch = data.global_batch(next(datasets.train), batch_sharding)
+      state, train_metrics = train_step(state, teacher, batch, run_hyper)
+      tokens = tokens + train_metrics["tokens"]  # Stays on device until the next log.
+      if step_index % config.log_every_steps == 0 or step_index == config.total_steps:
+        fetched = jax.device_get((train_metrics, tokens))
+        for i, writer in enumerate(writers):
+          scalars = {k: float(np.asarray(v).reshape(-1)[i]) for k, v in fetched[0].items()}
+          if not math.isfinite(scalars["loss"]):
+            raise FloatingPointError(
+                f"{names[i] or 'the'} loss is {scalars['loss']} at step {step_index}: lower "
+                "optim.lr_peak or check the data; the last checkpoint is safe")
+          # The learning rate of this step's update (the schedule counts updates from 0).
+          lr = float(schedule(step_index - 1)) * configs[i].optim.lr_peak / config.optim.lr_peak
+          writer.train(step_index, {**scalars, "lr": lr},
+                       float(np.asarray(fetched[1]).reshape(-1)[i]), flops_per_step, peak_flops)
+        tokens = 0.0
+      with metrics.paused(writers):
+        eval_losses = [None] * num_runs
+        if step_index % config.eval_every_steps == 0 or step_index == config.total_steps:
+          eval_metrics = run_evaluate()
+          for writer, m in zip(writers, eval_metrics, strict=True):
+            writer.eval(step_index, m)
+          eval_losses = [m["eval_loss"] for m in eval_metrics]
+        stop = watcher.should_stop(step_index)
+        data_state = datasets.train.get_state()
+        for i, ckpt in enumerate(ckpts):
+          ckpt.save(step_index, one_run(state, i), data_state, eval_losses[i],
+                    force=step_index == config.total_steps or stop)
+        if stop:
+          for ckpt in ckpts:
+            ckpt.wait()
+          logging.info("Preempted: saved step %d; start again to resume.", step_index)
+          break
+  for ckpt in ckpts:
+    ckpt.close()
+  for writer in writers:
+    writer.close()
+
+  # ---------------------------------------------------------------- Export.
+  finished = int(np.asarray(jax.device_get(state["step"])).reshape(-1)[0]) == config.total_steps
+  for i, workdir in enumerate(workdirs):
+    if eval_metrics[i]:
+      log_summary(names[i], config.total_steps if finished else None, eval_metrics[i])
+    if config.export and finished:
+      trained = multihost_utils.process_allgather(one_run(state, i)["params"]["student"],
+                                                  tiled=True)
+      if jax.process_index() == 0:
+        out = hf.export_hf(model_config, trained, workdir / "export", tokenizer_dir)
+        logging.info("Exported to %s.", out)
+        if config.fill_mask:
+          fill_mask(out, config.fill_mask)
+  return eval_metrics
+
+
+def _resume_step(ckpts: Sequence[checkpoint.Checkpointer]) -> int:
+  """The latest step saved by every run (0: start afresh)."""
+  steps = [set(ckpt.all_steps()) for ckpt in ckpts]
+  common = set.intersection(*steps)
+  return max(common, default=0)
+
+
+def log_summary(name: str, step_index: int | None, eval_metrics: dict[str, float]) -> None:
+  """One line comparing the student's held-out metrics with the teacher's."""
+  m = eval_metrics
+  where = f"at step {step_index}" if step_index is not None else "at the last evaluation"
+  line = (f"{name + ': ' if name else ''}Held-out {where}: masked-token accuracy "
+          f"{m['student_accuracy']:.3f}, perplexity {m['student_perplexity']:.1f}")
+  if "teacher_accuracy" in m:
+    ratio = (f"student at {m['student_accuracy'] / m['teacher_accuracy']:.0%} of the teacher's "
+             "accuracy" if m["teacher_accuracy"] > 0 else "the teacher predicts nothing right")
+    line += (f" (teacher {m['teacher_accuracy']:.3f} and {m['teacher_perplexity']:.1f}; {ratio}; "
+             f"top-1 agreement {m['agreement']:.3f}, KL(T=1) {m['kl_t1']:.3f})")
+  logging.info("%s", line)
+
+
+def fill_mask(model_dir: epath.Path, text: str) -> None:
+  """Prints the exported model's top completions of `text` (transformers' pipeline, torch)."""
+  import transformers
+  if not transformers.is_torch_available():
+    logging.warning("fill-mask skipped: it runs the export in PyTorch, which is not installed "
+                    "(pip install -r requirements-dev.txt)")
+    return
+  pipeline = transformers.pipeline("fill-mask", model=str(model_dir), device="cpu")
+  guesses = ", ".join(f"{g['token_str']} ({g['score']:.2f})" for g in pipeline(text, top_k=5))
+  logging.info("fill-mask %r -> %s", text, guesses)
+
