@@ -20,6 +20,7 @@ def default_data_config() -> config_dict.ConfigDict:
   # holds its sequences (one compilation per bucket); () pads every batch to max_len.
   config.bucket = ()
   config.batch_size = 32  # Global sequences per step; each process reads batch_size // processes.
+  config.eval_batch_size = 0  # Global sequences per eval batch; 0: batch_size.
   config.mask_prob = 0.15  # Fraction of real non-special tokens to predict in each batch.
   config.mask_token_frac = 0.8  # Of those, replaced by [MASK];
   config.random_token_frac = 0.1  # replaced by a random token; the rest are kept.

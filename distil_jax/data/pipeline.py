@@ -1,14 +1,15 @@
-"""Endless masked train batches and fixed eval batches; each process reads its own shard.
+"""Endless masked train batches and fixed eval batches; each process reads its rows of them.
 
 Per source, the first `eval_examples` documents (split between sources by size) are held out for
-eval; every process reads all of them. Eval batches are masked the standard way, not as training
-masks: `mask_prob` of the real non-special tokens, chosen uniformly, every one replaced by [MASK],
-with a fixed random stream, so that every run and seed is evaluated on the same positions.
+eval; the rest are for training. The batches are the same whatever the number of processes: the
+order of the train sequences and the masks are functions of (seed, step, global row), and process
+i of n reads rows [i * b, (i + 1) * b) of each global batch (b = batch_size / n), so a run gives
+the same batches on 1 process or on N and can resume on another number of hosts. Every process
+tokenizes every document (once: the ids are cached in data_dir).
 
-Process i of n tokenizes and reads only the i-th of n contiguous slices of the remaining
-documents, so that together the processes see every train sequence once per epoch. Token counts
-(for mlm_smoothing) and bucket sizes are summed over processes, so every process masks with the
-same weights and pads step k to the same length.
+Eval batches are masked the standard way, not as training masks: `mask_prob` of the real
+non-special tokens, chosen uniformly, every one replaced by [MASK], with a fixed random stream, so
+that every run and seed is evaluated on the same positions.
 """
 
 import functools
@@ -23,7 +24,6 @@ import ml_collections
 import numpy as np
 import tokenizers
 from absl import logging
-from jax.experimental import multihost_utils
 
 from distil_jax.data import files
 from distil_jax.data.masking import mask_tokens, smoothed_token_weights
@@ -38,9 +38,9 @@ _TRAIN_MASKS, _EVAL_MASKS = 0, 1  # Independent random streams for masking.
 class Datasets(NamedTuple):
   train: grain.DatasetIterator  # Endless process-local batches; get_state() / set_state(state).
   eval: tuple[Batch, ...]  # Fixed process-local batches, the last padded with empty rows.
-  train_sequences: int  # Process-local train sequences per epoch.
+  train_sequences: int  # Train sequences per epoch (of all processes together).
   train_tokens: int  # Their tokens, [CLS] and [SEP] included.
-  token_counts: np.ndarray  # Occurrences of each vocabulary id in the train documents (global).
+  token_counts: np.ndarray  # Occurrences of each vocabulary id in the train documents.
 
 
 def make_datasets(config: ml_collections.ConfigDict, tokenizer_dir: str | os.PathLike,
@@ -50,48 +50,43 @@ def make_datasets(config: ml_collections.ConfigDict, tokenizer_dir: str | os.Pat
   Batches map "input_ids", "attention_mask" and "labels" to int32 arrays of shape
   [batch_size // process_count, length], length = max_len (or a bucket length for train).
   Padding has id 0 ([PAD]) and attention_mask 0; labels are -100 where nothing is predicted.
-  Every process must call it: it sums token counts and bucket sizes over processes.
   """
   process_index, process_count = jax.process_index(), jax.process_count()
   bucket_lengths = _check(config, process_count)
   tokenizer = load_tokenizer(tokenizer_dir, vocab_size)
   special = special_ids(tokenizer)
-  train_ids, eval_ids = _token_ids(config, tokenizer, process_index, process_count)
+  train_ids, eval_ids = _token_ids(config, tokenizer)
   cut = functools.partial(make_sequences, max_len=config.max_len, min_len=config.min_len,
                           pack=config.pack, cls_id=special.cls, sep_id=special.sep)
   train, eval_sequences = cut(train_ids), cut(eval_ids)
   if not len(train):
-    raise ValueError(f"no train sequence of at least min_len={config.min_len} tokens on process "
-                     f"{process_index}: add documents or lower config.data.min_len")
-  buckets = split_by_length(train, bucket_lengths)
-  totals = _sum_over_processes(np.concatenate([train_ids.counts, [len(b) for b in buckets]]))
-  token_counts, bucket_sizes = totals[:vocab_size], totals[vocab_size:]
-  logging.info("Process %d/%d: %d train sequences (%d tokens), %d eval sequences.", process_index,
-               process_count, len(train), train.lengths.sum(), len(eval_sequences))
+    raise ValueError(f"no train sequence of at least min_len={config.min_len} tokens: add "
+                     "documents or lower config.data.min_len")
+  rows = _rows(config.batch_size)
+  logging.info("%d train sequences (%d tokens), %d eval sequences; process %d of %d reads rows "
+               "%d to %d of each batch.", len(train), train.lengths.sum(), len(eval_sequences),
+               process_index, process_count, rows[0], rows[-1])
 
   masked = functools.partial(_masked, vocab_size=vocab_size, special_ids=special,
                              mask_id=special.mask, mask_prob=config.mask_prob)
   train_masked = functools.partial(
-      masked, mask_token_frac=config.mask_token_frac, random_token_frac=config.random_token_frac,
-      token_weights=smoothed_token_weights(token_counts, config.mlm_smoothing))
-  local_batch = config.batch_size // process_count
-  train_batches = _train_batches(buckets, bucket_lengths, bucket_sizes, local_batch, config.seed,
-                                 special.pad, process_index)
-  train_batches = train_batches.map_with_index(functools.partial(
-      train_masked, rng_seed=_stream_seed(config.seed, _TRAIN_MASKS, process_index)))
+      masked, rng_seed=_stream_seed(config.seed, _TRAIN_MASKS),
+      mask_token_frac=config.mask_token_frac, random_token_frac=config.random_token_frac,
+      token_weights=smoothed_token_weights(train_ids.counts, config.mlm_smoothing))
+  train_batches = _train_batches(split_by_length(train, bucket_lengths), bucket_lengths,
+                                 config.batch_size, config.seed, special.pad)
   read_options = grain.ReadOptions(num_threads=config.read_threads,
                                    prefetch_buffer_size=2 * config.read_threads)
   eval_masked = functools.partial(masked, rng_seed=_stream_seed(_EVAL_MASKS),
                                   mask_token_frac=1.0, random_token_frac=0.0)
-  eval_batches = _eval_batches(eval_sequences, config.batch_size, config.max_len, special.pad,
-                               eval_masked)
-  rows = slice(process_index * local_batch, (process_index + 1) * local_batch)
+  eval_batch_size = config.eval_batch_size or config.batch_size
   return Datasets(
-      train=iter(train_batches.to_iter_dataset(read_options)),
-      eval=tuple({name: array[rows] for name, array in batch.items()} for batch in eval_batches),
+      train=iter(train_batches.map_with_index(train_masked).to_iter_dataset(read_options)),
+      eval=tuple(_eval_batches(eval_sequences, eval_batch_size, config.max_len, special.pad,
+                               eval_masked)),
       train_sequences=len(train),
       train_tokens=int(train.lengths.sum()),
-      token_counts=token_counts)
+      token_counts=train_ids.counts)
 
 
 def global_batch(local_batch: Batch, sharding: jax.sharding.NamedSharding) -> dict[str, jax.Array]:
@@ -102,9 +97,10 @@ def global_batch(local_batch: Batch, sharding: jax.sharding.NamedSharding) -> di
 
 def _check(config: ml_collections.ConfigDict, process_count: int) -> tuple[int, ...]:
   """Validates `config`; returns the bucket lengths, max_len last."""
-  if config.batch_size % process_count:
-    raise ValueError(f"config.data.batch_size={config.batch_size} is not divisible by the "
-                     f"{process_count} processes: make it a multiple of {process_count}")
+  for key in ("batch_size", "eval_batch_size"):
+    if config[key] % process_count:
+      raise ValueError(f"config.data.{key}={config[key]} is not divisible by the "
+                       f"{process_count} processes: make it a multiple of {process_count}")
   if not 3 <= config.min_len <= config.max_len:
     raise ValueError(f"config.data.min_len={config.min_len} must lie in [3, max_len="
                      f"{config.max_len}]: change min_len")
@@ -115,13 +111,10 @@ def _check(config: ml_collections.ConfigDict, process_count: int) -> tuple[int, 
   return bucket_lengths
 
 
-def _token_ids(config: ml_collections.ConfigDict, tokenizer: tokenizers.Tokenizer,
-               process_index: int, process_count: int) -> tuple[TokenIds, TokenIds]:
-  """Token ids of this process's train documents and of all eval documents.
-
-  Of each source, the first documents (eval_examples in all, split by source size) are for eval,
-  and the rest is cut into process_count contiguous slices.
-  """
+def _token_ids(config: ml_collections.ConfigDict, tokenizer: tokenizers.Tokenizer
+               ) -> tuple[TokenIds, TokenIds]:
+  """Token ids of the train documents and of the eval documents (the first eval_examples ones,
+  split between the sources by their sizes)."""
   data_dir = files.local_dir(config.data_dir)
   documents = [open_documents(source, data_dir, config.tfds_data_dir) for source in config.sources]
   sizes = np.array([len(d) for d in documents])
@@ -130,46 +123,50 @@ def _token_ids(config: ml_collections.ConfigDict, tokenizer: tokenizers.Tokenize
                      f"of {sizes.sum()}: lower eval_examples")
   eval_sizes = np.diff(config.eval_examples * np.cumsum(sizes) // sizes.sum(), prepend=0)
   eval_parts = [(d, 0, int(e)) for d, e in zip(documents, eval_sizes, strict=True)]
-  train_parts = [(d, int(e + (n - e) * process_index // process_count),
-                  int(e + (n - e) * (process_index + 1) // process_count))
-                 for d, n, e in zip(documents, sizes, eval_sizes, strict=True)]
+  train_parts = [(d, int(e), int(n)) for d, n, e in zip(documents, sizes, eval_sizes, strict=True)]
   return (tokenize(train_parts, tokenizer, data_dir / "token_ids"),
           tokenize(eval_parts, tokenizer, data_dir / "token_ids"))
 
 
+def _rows(global_batch_size: int) -> np.ndarray:
+  """The global rows of a batch that this process reads."""
+  local = global_batch_size // jax.process_count()
+  return np.arange(local) + jax.process_index() * local
+
+
 def _train_batches(buckets: Sequence[Sequences], bucket_lengths: Sequence[int],
-                   bucket_sizes: np.ndarray, local_batch: int, seed: int, pad_id: int,
-                   process_index: int) -> grain.MapDataset:
-  """Endless batches: each bucket reshuffled every epoch, buckets mixed by their global sizes."""
-  per_bucket = []
-  for sequences, length, size in zip(buckets, bucket_lengths, bucket_sizes, strict=True):
-    if size and not len(sequences):
-      raise ValueError(f"bucket {length} has no sequence on process {process_index}: use fewer "
-                       "lengths in config.data.bucket")
-    if size:
-      per_bucket.append(grain.MapDataset.range(len(sequences)).shuffle(seed).repeat()
-                        .batch(local_batch)
-                        .map(functools.partial(sequences.padded, length=length, pad_id=pad_id)))
-  return grain.MapDataset.mix(per_bucket, weights=[float(s) for s in bucket_sizes if s])
+                   batch_size: int, seed: int, pad_id: int) -> grain.MapDataset:
+  """Endless (ids, lengths, global rows) of this process's rows of the global batches: each
+  bucket reshuffled every epoch, buckets mixed by their sizes."""
+  rows = _rows(batch_size)
+  read = lambda sequences, length, indices: (*sequences.padded(indices[rows], length, pad_id),
+                                             rows)
+  per_bucket = [grain.MapDataset.range(len(sequences)).shuffle(seed).repeat().batch(batch_size)
+                .map(functools.partial(read, sequences, length))
+                for sequences, length in zip(buckets, bucket_lengths, strict=True)
+                if len(sequences)]
+  return grain.MapDataset.mix(per_bucket, weights=[float(len(b)) for b in buckets if len(b)])
 
 
 def _eval_batches(sequences: Sequences, batch_size: int, max_len: int, pad_id: int,
-                  masked: Callable[[int, tuple[np.ndarray, np.ndarray]], Batch]) -> list[Batch]:
-  """Global eval batches in corpus order, the last one completed with empty rows."""
+                  masked: Callable[[int, tuple[np.ndarray, ...]], Batch]) -> list[Batch]:
+  """This process's rows of the eval batches, in corpus order, the last completed with empty
+  rows."""
   num_rows = -(-len(sequences) // batch_size) * batch_size
   ids = np.full((num_rows, max_len), pad_id, np.int32)
   lengths = np.zeros(num_rows, np.int32)
   ids[:len(sequences)], lengths[:len(sequences)] = sequences.padded(
       np.arange(len(sequences)), max_len, pad_id)
-  return [masked(step, (ids[start:start + batch_size], lengths[start:start + batch_size]))
+  rows = _rows(batch_size)
+  return [masked(step, (ids[start + rows], lengths[start + rows], rows))
           for step, start in enumerate(range(0, num_rows, batch_size))]
 
 
-def _masked(step: int, ids_and_lengths: tuple[np.ndarray, np.ndarray], *, rng_seed: int,
-            **mask_options) -> Batch:
-  ids, lengths = ids_and_lengths
+def _masked(step: int, ids_lengths_rows: tuple[np.ndarray, np.ndarray, np.ndarray], *,
+            rng_seed: int, **mask_options) -> Batch:
+  ids, lengths, rows = ids_lengths_rows
   attention_mask = (np.arange(ids.shape[1]) < lengths[:, None]).astype(np.int32)
-  input_ids, labels = mask_tokens(ids, attention_mask, rng_seed=rng_seed, step=step,
+  input_ids, labels = mask_tokens(ids, attention_mask, rng_seed=rng_seed, step=step, rows=rows,
                                   **mask_options)
   return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
@@ -177,8 +174,3 @@ def _masked(step: int, ids_and_lengths: tuple[np.ndarray, np.ndarray], *, rng_se
 def _stream_seed(*keys: int) -> int:
   """A seed for the random stream named by `keys`, independent of other keys' streams."""
   return int(np.random.SeedSequence(keys).generate_state(1)[0])
-
-
-def _sum_over_processes(values: np.ndarray) -> np.ndarray:
-  """`values` summed over all processes, identical on each of them."""
-  return np.sum(multihost_utils.process_allgather(values.astype(np.float32)), axis=0)
