@@ -38,7 +38,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
-from distil_jax import models
+from distil_jax import errors, models
 
 PyTree = Any
 
@@ -46,7 +46,7 @@ _EVAL_LOSS = "eval_loss"
 _DIFFERENT_MODEL = "this workdir holds a checkpoint of a different model; use a new --workdir"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(errors.UserError, ValueError):
   """A checkpoint or config that cannot be used; the one-line message says what to do."""
 
 
@@ -88,8 +88,9 @@ class Checkpointer:
   def __init__(self, workdir: epath.PathLike, *, save_every_steps: int, keep_last: int,
                keep_best: bool = True, async_save: bool = True):
     if save_every_steps < 1 or keep_last < 1:
-      raise ValueError(f"save_every_steps and keep_last must be >= 1, got {save_every_steps} "
-                       f"and {keep_last}")
+      raise errors.ConfigError(
+          f"save_every_steps and keep_last must be >= 1, got {save_every_steps} "
+          f"and {keep_last}")
     # orbax's `max_to_keep` with `best_fn` keeps the best K only, so the policies are explicit;
     # its default save policy would also save the first step of a fresh run.
     keep = [checkpoint_managers.LatestN(n=keep_last)]

@@ -7,6 +7,8 @@ import sys
 import jax
 from absl import app, flags, logging
 
+from distil_jax import errors
+
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Start JAX's multi-host runtime (jax.distributed.initialize()) first: "
     "auto-detected on TPU VMs, or given by --coordinator_address, --num_processes, --process_id.")
@@ -39,5 +41,10 @@ def start() -> None:
 
 
 def run(main) -> None:
-  """`app.run(main)` with the shared flag parsing."""
-  app.run(main, flags_parser=parse_flags)
+  """`app.run(main)` with the shared flag parsing; a `UserError` ends it with its one line."""
+  def guarded(argv):
+    try:
+      main(argv)
+    except errors.UserError as e:
+      sys.exit(f"FATAL {e}")
+  app.run(guarded, flags_parser=parse_flags)

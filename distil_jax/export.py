@@ -10,7 +10,7 @@ import pathlib
 
 from absl import app, flags
 
-from distil_jax import checkpoint, hf
+from distil_jax import checkpoint, cli, hf
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a distil_jax.main run.")
 _OUT = flags.DEFINE_string("out", None, "Output HuggingFace directory.")
@@ -35,4 +35,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

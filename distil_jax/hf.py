@@ -18,7 +18,7 @@ from absl import logging
 from flax import linen as nn
 from flax import traverse_util
 
-from distil_jax import models
+from distil_jax import errors, models
 
 _TOKENIZER_FILES = ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -83,20 +83,20 @@ def to_hf_state_dict(config: models.ModelConfig, params: dict, layout: str) -> d
 def read_config(directory: pathlib.Path) -> tuple[models.ModelConfig, str]:
   path = directory / "config.json"
   if not path.is_file():
-    raise FileNotFoundError(
+    raise errors.MissingInput(
         f"{path} not found: a HuggingFace checkpoint directory needs config.json "
         "(save one with model.save_pretrained(DIR))")
   try:
     hf = json.loads(path.read_text())
   except json.JSONDecodeError as e:
-    raise ValueError(f"{path} is not valid JSON ({e}): re-download or re-export it") from e
+    raise errors.ConfigError(f"{path} is not valid JSON ({e}): re-download or re-export it") from e
   kind = hf.get("model_type")
   if kind == "bert":
     unsupported = {"position_embedding_type": ("absolute", None), "is_decoder": (False, None),
                    "hidden_act": ("gelu",)}
     for key, allowed in unsupported.items():
       if hf.get(key) not in allowed:
-        raise ValueError(
+        raise errors.ConfigError(
             f"{path}: {key}={hf.get(key)!r} is not supported (only {allowed[0]!r}): "
             "use a standard BERT checkpoint")
     config = models.ModelConfig(
@@ -110,8 +110,8 @@ def read_config(directory: pathlib.Path) -> tuple[models.ModelConfig, str]:
     return config, "bert"
   if kind == "distilbert":
     if hf.get("activation", "gelu") != "gelu":
-      raise ValueError(f"{path}: activation={hf['activation']!r} is not supported (only "
-                       "'gelu'): use a standard DistilBERT checkpoint")
+      raise errors.ConfigError(f"{path}: activation={hf['activation']!r} is not supported (only "
+                               "'gelu'): use a standard DistilBERT checkpoint")
     # A sinusoidal table is stored in the checkpoint like a learned one; it is loaded as is.
     config = models.ModelConfig(
         vocab_size=hf["vocab_size"], hidden_size=hf["dim"], num_layers=hf["n_layers"],
@@ -120,7 +120,7 @@ def read_config(directory: pathlib.Path) -> tuple[models.ModelConfig, str]:
         layer_norm_eps=1e-12, hidden_dropout=hf["dropout"],
         attention_dropout=hf["attention_dropout"], pad_token_id=hf.get("pad_token_id") or 0)
     return config, "distilbert"
-  raise ValueError(
+  raise errors.ConfigError(
       f"{path}: model_type={kind!r} is not a BERT or DistilBERT checkpoint: "
       "distil_jax loads only model_type 'bert' or 'distilbert'")
 
@@ -133,12 +133,12 @@ def _read_weights(directory: pathlib.Path) -> dict[str, np.ndarray]:
       try:
         state.update(safetensors.numpy.load_file(shard))
       except Exception as e:
-        raise ValueError(f"{shard} is not a readable safetensors file ({e}): "
-                         "re-download or re-export the checkpoint") from e
+        raise errors.ConfigError(f"{shard} is not a readable safetensors file ({e}): "
+                                 "re-download or re-export the checkpoint") from e
     return state
   path = directory / "pytorch_model.bin"
   if not path.is_file():
-    raise FileNotFoundError(
+    raise errors.MissingInput(
         f"no model.safetensors or pytorch_model.bin in {directory}: "
         "point to a directory written by save_pretrained")
   import torch  # Only legacy checkpoints need torch.
@@ -175,15 +175,17 @@ def from_hf_state_dict(config: models.ModelConfig, state: dict, layout: str, *,
     fresh = models.init_params(config, seed)
     flat = {path: np.asarray(x) for path, x in traverse_util.flatten_dict(fresh).items()}
   elif missing:
-    raise ValueError(f"{source} lacks {len(missing)} weights, e.g. {missing[0]}: it does not "
-                     "match its config.json; re-export the checkpoint")
+    raise errors.ConfigError(
+        f"{source} lacks {len(missing)} weights, e.g. {missing[0]}: it does not "
+        "match its config.json; re-export the checkpoint")
   for path, name in table.items():
     if name not in state:
       continue
     expected = jax.eval_shape(functools.partial(_to_torch_layout, path), shapes[path]).shape
     if state[name].shape != expected:
-      raise ValueError(f"{source}: {name} has shape {state[name].shape}, config.json implies "
-                       f"{expected}: the weights and config.json disagree")
+      raise errors.ConfigError(
+          f"{source}: {name} has shape {state[name].shape}, config.json implies "
+          f"{expected}: the weights and config.json disagree")
     x = np.asarray(state[name], np.float32)
     flat[path] = (x.T if path[-1] == "kernel" else x).reshape(shapes[path].shape)
   return traverse_util.unflatten_dict(flat)
@@ -195,14 +197,14 @@ def resolve(path_or_name: str | os.PathLike) -> pathlib.Path:
   if path.is_dir():
     return path
   if path.exists() or str(path_or_name).startswith((".", "/", "~")):
-    raise FileNotFoundError(f"{path_or_name} is not a checkpoint directory: pass a directory "
-                            "holding config.json and model.safetensors, or a hub name")
+    raise errors.MissingInput(f"{path_or_name} is not a checkpoint directory: pass a directory "
+                              "holding config.json and model.safetensors, or a hub name")
   import huggingface_hub
   try:
     return pathlib.Path(huggingface_hub.snapshot_download(
         str(path_or_name), allow_patterns=["*.json", "*.safetensors", "vocab.txt"]))
   except Exception as e:
-    raise FileNotFoundError(
+    raise errors.MissingInput(
         f"{path_or_name!r} is neither a local directory nor a reachable HuggingFace hub model "
         f"({type(e).__name__}): pass a local checkpoint directory") from e
 
@@ -238,8 +240,8 @@ def load_bert(path_or_name: str | os.PathLike, seed: int = 0
 def _hf_config(config: models.ModelConfig) -> dict:
   if config.is_distilbert:
     if config.layer_norm_eps != 1e-12:
-      raise ValueError(f"DistilBERT fixes LayerNorm eps at 1e-12, this model uses "
-                       f"{config.layer_norm_eps}: export it as BERT instead")
+      raise errors.ConfigError(f"DistilBERT fixes LayerNorm eps at 1e-12, this model uses "
+                               f"{config.layer_norm_eps}: export it as BERT instead")
     return {"architectures": ["DistilBertForMaskedLM"], "model_type": "distilbert",
             "vocab_size": config.vocab_size, "dim": config.hidden_size,
             "n_layers": config.num_layers, "n_heads": config.num_heads,
@@ -264,8 +266,8 @@ def _hf_config(config: models.ModelConfig) -> dict:
 def copy_tokenizer(tokenizer_dir: pathlib.Path, out_dir: pathlib.Path) -> None:
   """Copies the tokenizer files; tokenizer.json is re-saved with padding/truncation off."""
   if not (tokenizer_dir / "vocab.txt").is_file():
-    raise FileNotFoundError(f"{tokenizer_dir / 'vocab.txt'} not found: pass the directory of "
-                            "the teacher's tokenizer as tokenizer_dir")
+    raise errors.MissingInput(f"{tokenizer_dir / 'vocab.txt'} not found: pass the directory of "
+                              "the teacher's tokenizer as tokenizer_dir")
   for name in _TOKENIZER_FILES:
     if (tokenizer_dir / name).is_file():
       shutil.copyfile(tokenizer_dir / name, out_dir / name)
@@ -284,8 +286,8 @@ def export_hf(config: models.ModelConfig, params: dict, out_dir: str | os.PathLi
   out = pathlib.Path(out_dir)
   weights = out / "model.safetensors"
   if weights.exists() and not (out / "config.json").exists():
-    raise FileExistsError(f"{out} holds model.safetensors without config.json: "
-                          "choose an empty output directory")
+    raise errors.OutputExists(f"{out} holds model.safetensors without config.json: "
+                              "choose an empty output directory")
   out.mkdir(parents=True, exist_ok=True)
   layout = "distilbert" if config.is_distilbert else "bert"
   safetensors.numpy.save_file(to_hf_state_dict(config, params, layout), str(weights),
@@ -301,6 +303,7 @@ def export_distilbert(student_config: models.ModelConfig, student_params: dict,
                       tokenizer_dir: str | os.PathLike | None = None) -> pathlib.Path:
   """Exports a student as a HuggingFace DistilBertForMaskedLM directory."""
   if not student_config.is_distilbert:
-    raise ValueError("export_distilbert needs a student (type_vocab_size=0); this is a BERT "
-                     "with token-type embeddings: use export_hf to write a BertForMaskedLM")
+    raise errors.ConfigError(
+        "export_distilbert needs a student (type_vocab_size=0); this is a BERT "
+        "with token-type embeddings: use export_hf to write a BertForMaskedLM")
   return export_hf(student_config, student_params, out_dir, tokenizer_dir)

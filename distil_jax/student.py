@@ -5,7 +5,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from distil_jax import models
+from distil_jax import errors, models
 
 
 def every_other_layer(num_teacher_layers: int, num_student_layers: int) -> list[int]:
@@ -24,8 +24,9 @@ def student_from_teacher(config: models.ModelConfig, params: dict, layers: Seque
   layers = list(layers)
   bad = [i for i in layers if not 0 <= i < config.num_layers]
   if not layers or bad:
-    raise ValueError(f"student layers {layers} must name teacher layers 0..{config.num_layers - 1}"
-                     f" (the teacher has {config.num_layers}): fix distill.student_layers")
+    raise errors.ConfigError(
+        f"student layers {layers} must name teacher layers 0..{config.num_layers - 1}"
+        f" (the teacher has {config.num_layers}): fix distill.student_layers")
   student_config = dataclasses.replace(config, num_layers=len(layers), type_vocab_size=0)
   embeddings = {k: v for k, v in params["embeddings"].items() if k != "token_type_embeddings"}
   if fold_token_type and not config.is_distilbert:

@@ -21,7 +21,6 @@ import importlib.util
 import itertools
 import json
 import re
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,7 +30,7 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from distil_jax import checkpoint, cli, train
+from distil_jax import checkpoint, cli, errors, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -50,7 +49,7 @@ _SHORT_NAMES = {"distill.temperature": "T", "distill.alpha_ce": "ce", "distill.a
                 "data.seed": "dseed", "student.num_layers": "L"}
 
 
-class SweepError(ValueError):
+class SweepError(errors.UserError, ValueError):
   """A sweep that cannot run; the one-line message says why and what to do."""
 
 
@@ -271,21 +270,18 @@ def main(argv) -> None:
   cli.start()
   if _WORKDIR.value is None:
     raise app.UsageError("--workdir is required: the sweep's directory")
-  try:
-    base = _CONFIG.value
-    grid = (parse_sweeps(base, _SWEEP.value) if _SWEEP.value
-            else experiment_points(config_flags.get_config_filename(flags.FLAGS["config"])))
-    if grid is None:
-      raise SweepError("nothing to sweep: give --sweep='KEY=V1,V2' or define get_sweep() in the "
-                       "experiment file")
-    if _PLAN.value:
-      for index, members in enumerate(groups(make_points(base, grid), _MODE.value)):
-        print(json.dumps({"group": index, "points": [
-            {"overrides": p.overrides, "workdir": p.workdir} for p in members]}, default=str))
-      return
-    sweep(base, grid, _WORKDIR.value, _MODE.value, _GROUP.value)
-  except SweepError as e:
-    sys.exit(f"FATAL {e}")
+  base = _CONFIG.value
+  grid = (parse_sweeps(base, _SWEEP.value) if _SWEEP.value
+          else experiment_points(config_flags.get_config_filename(flags.FLAGS["config"])))
+  if grid is None:
+    raise SweepError("nothing to sweep: give --sweep='KEY=V1,V2' or define get_sweep() in the "
+                     "experiment file")
+  if _PLAN.value:
+    for index, members in enumerate(groups(make_points(base, grid), _MODE.value)):
+      print(json.dumps({"group": index, "points": [
+          {"overrides": p.overrides, "workdir": p.workdir} for p in members]}, default=str))
+    return
+  sweep(base, grid, _WORKDIR.value, _MODE.value, _GROUP.value)
 
 
 if __name__ == "__main__":

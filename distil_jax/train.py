@@ -24,18 +24,19 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from distil_jax import (
-    checkpoint,
-    data,
-    hf,
-    losses,
-    metrics,
-    models,
-    perf,
-    points,
-    resources,
-    sharding,
-    step,
-    student,
+  checkpoint,
+  data,
+  errors,
+  hf,
+  losses,
+  metrics,
+  models,
+  perf,
+  points,
+  resources,
+  sharding,
+  step,
+  student,
 )
 
 # Keys in which fused runs may differ: the step takes them as arrays, or they only change the
@@ -85,7 +86,7 @@ def load_models(configs: Sequence[ml_collections.ConfigDict], teacher_dir: epath
   seeded); a student is built from its teacher layers, or initialised at random."""
   config = configs[0]
   if config.mode not in ("distill", "mlm"):
-    raise ValueError(f"config.mode={config.mode!r} is unknown: use 'distill' or 'mlm'")
+    raise errors.ConfigError(f"config.mode={config.mode!r} is unknown: use 'distill' or 'mlm'")
   loaded = {}
   for c in configs:
     if c.seed not in loaded:
@@ -101,9 +102,9 @@ def load_models(configs: Sequence[ml_collections.ConfigDict], teacher_dir: epath
                                 teacher_params)
   if (student_config.hidden_size != teacher_config.hidden_size and config.distill.alpha_cos
       and not config.distill.project_student_hidden):
-    raise ValueError(f"student hidden size {student_config.hidden_size} differs from the "
-                     f"teacher's {teacher_config.hidden_size}: set "
-                     "distill.project_student_hidden=True or distill.alpha_cos=0")
+    raise errors.ConfigError(f"student hidden size {student_config.hidden_size} differs from the "
+                             f"teacher's {teacher_config.hidden_size}: set "
+                             "distill.project_student_hidden=True or distill.alpha_cos=0")
   return student_config, [params for _, params in students], teacher_config, teacher_params
 
 
@@ -116,8 +117,9 @@ def _student(config: ml_collections.ConfigDict, teacher_config: models.ModelConf
   if config.student.init == "random":
     params = jax.tree.map(np.asarray, models.init_params(student_config, config.seed))
   elif config.student.init != "teacher":
-    raise ValueError(f"config.student.init={config.student.init!r} is unknown: use 'teacher' "
-                     "(the paper's initialisation from teacher layers) or 'random'")
+    raise errors.ConfigError(
+        f"config.student.init={config.student.init!r} is unknown: use 'teacher' "
+        "(the paper's initialisation from teacher layers) or 'random'")
   return student_config, params
 
 
@@ -169,7 +171,7 @@ def run(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[epath.P
   # ---------------------------------------------------------------- Config and workdirs.
   config, num_runs = configs[0], len(configs)
   if len({fusion_key(c) for c in configs}) > 1:
-    raise ValueError("runs trained together must differ only in " + ", ".join(FUSABLE_KEYS))
+    raise errors.ConfigError("runs trained together must differ only in " + ", ".join(FUSABLE_KEYS))
   workdirs = [epath.Path(w) for w in workdirs]
   names = list(names) if names else [""] * num_runs
   for c, workdir in zip(configs, workdirs, strict=True):
@@ -201,9 +203,9 @@ def run(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[epath.P
   # ---------------------------------------------------------------- Mesh, sharded state, steps.
   mesh = sharding.make_mesh(config.mesh_shape)
   if config.data.batch_size % (config.accum_steps * mesh.shape["data"] * mesh.shape["fsdp"]):
-    raise ValueError(f"data.batch_size={config.data.batch_size} must be a multiple of "
-                     f"accum_steps={config.accum_steps} times the data-parallel devices "
-                     f"({mesh.shape['data'] * mesh.shape['fsdp']}): change one of them")
+    raise errors.ConfigError(f"data.batch_size={config.data.batch_size} must be a multiple of "
+                             f"accum_steps={config.accum_steps} times the data-parallel devices "
+                             f"({mesh.shape['data'] * mesh.shape['fsdp']}): change one of them")
   step_config = step.StepConfig(
       student=model_config, teacher=teacher_config,
       restrict_ce_to_mask=config.distill.restrict_ce_to_mask,

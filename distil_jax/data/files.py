@@ -6,6 +6,8 @@ import os
 import pathlib
 from collections.abc import Iterator
 
+from distil_jax import errors
+
 
 @contextlib.contextmanager
 def exclusive_lock(path: pathlib.Path) -> Iterator[None]:
@@ -22,6 +24,7 @@ def exclusive_lock(path: pathlib.Path) -> Iterator[None]:
 def local_dir(path: str) -> pathlib.Path:
   """`path` with `~` expanded, checked to be on the local file system (caches are memory-mapped)."""
   if "://" in path:
-    raise ValueError(f"config.data.data_dir={path!r} must be a local directory: set it to a local "
-                     "path and put remote TFDS datasets in config.data.tfds_data_dir")
+    raise errors.ConfigError(
+        f"config.data.data_dir={path!r} must be a local directory: set it to a local "
+        "path and put remote TFDS datasets in config.data.tfds_data_dir")
   return pathlib.Path(os.path.expanduser(path))

@@ -25,6 +25,7 @@ import numpy as np
 import tokenizers
 from absl import logging
 
+from distil_jax import errors
 from distil_jax.data import files
 from distil_jax.data.masking import mask_tokens, smoothed_token_weights
 from distil_jax.data.sequences import Sequences, make_sequences, split_by_length
@@ -60,8 +61,8 @@ def make_datasets(config: ml_collections.ConfigDict, tokenizer_dir: str | os.Pat
                           pack=config.pack, cls_id=special.cls, sep_id=special.sep)
   train, eval_sequences = cut(train_ids), cut(eval_ids)
   if not len(train):
-    raise ValueError(f"no train sequence of at least min_len={config.min_len} tokens: add "
-                     "documents or lower config.data.min_len")
+    raise errors.ConfigError(f"no train sequence of at least min_len={config.min_len} tokens: add "
+                             "documents or lower config.data.min_len")
   rows = _rows(config.batch_size)
   logging.info("%d train sequences (%d tokens), %d eval sequences; process %d of %d reads rows "
                "%d to %d of each batch.", len(train), train.lengths.sum(), len(eval_sequences),
@@ -99,15 +100,15 @@ def _check(config: ml_collections.ConfigDict, process_count: int) -> tuple[int, 
   """Validates `config`; returns the bucket lengths, max_len last."""
   for key in ("batch_size", "eval_batch_size"):
     if config[key] % process_count:
-      raise ValueError(f"config.data.{key}={config[key]} is not divisible by the "
-                       f"{process_count} processes: make it a multiple of {process_count}")
+      raise errors.ConfigError(f"config.data.{key}={config[key]} is not divisible by the "
+                               f"{process_count} processes: make it a multiple of {process_count}")
   if not 3 <= config.min_len <= config.max_len:
-    raise ValueError(f"config.data.min_len={config.min_len} must lie in [3, max_len="
-                     f"{config.max_len}]: change min_len")
+    raise errors.ConfigError(f"config.data.min_len={config.min_len} must lie in [3, max_len="
+                             f"{config.max_len}]: change min_len")
   bucket_lengths = (*config.bucket, config.max_len)
   if any(not short < long for short, long in itertools.pairwise(bucket_lengths)):
-    raise ValueError(f"config.data.bucket={config.bucket} must ascend below max_len="
-                     f"{config.max_len}: fix the bucket lengths")
+    raise errors.ConfigError(f"config.data.bucket={config.bucket} must ascend below max_len="
+                             f"{config.max_len}: fix the bucket lengths")
   return bucket_lengths
 
 
@@ -119,8 +120,9 @@ def _token_ids(config: ml_collections.ConfigDict, tokenizer: tokenizers.Tokenize
   documents = [open_documents(source, data_dir, config.tfds_data_dir) for source in config.sources]
   sizes = np.array([len(d) for d in documents])
   if not 0 <= config.eval_examples < sizes.sum():
-    raise ValueError(f"config.data.eval_examples={config.eval_examples} leaves no train document "
-                     f"of {sizes.sum()}: lower eval_examples")
+    raise errors.ConfigError(
+        f"config.data.eval_examples={config.eval_examples} leaves no train document "
+        f"of {sizes.sum()}: lower eval_examples")
   eval_sizes = np.diff(config.eval_examples * np.cumsum(sizes) // sizes.sum(), prepend=0)
   eval_parts = [(d, 0, int(e)) for d, e in zip(documents, eval_sizes, strict=True)]
   train_parts = [(d, int(e), int(n)) for d, n, e in zip(documents, sizes, eval_sizes, strict=True)]

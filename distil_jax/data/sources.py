@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 import tensorflow_datasets as tfds
 from etils import epath
 
-from distil_jax import resources
+from distil_jax import errors, resources
 from distil_jax.data import files
 
 _DEFAULT_FIELD = "text"
@@ -74,8 +74,9 @@ class TextCorpus(tfds.core.GeneratorBasedBuilder):
         count += 1
         yield f"{file_index}:{line}", {"text": text}
     if not count:
-      raise ValueError(f"no text in {', '.join(config.paths)}: add documents to the files or "
-                       "remove them from config.data.sources")
+      raise errors.ConfigError(
+          f"no text in {', '.join(config.paths)}: add documents to the files or "
+          "remove them from config.data.sources")
 
 
 def open_documents(source: str, data_dir: pathlib.Path, tfds_data_dir: str | None) -> Documents:
@@ -88,8 +89,8 @@ def open_documents(source: str, data_dir: pathlib.Path, tfds_data_dir: str | Non
     return _prepare(kind, _expand(pattern, source), field, data_dir)
   if kind == "tfds" and location:
     return _catalogue(*_split_field(location), tfds_data_dir)
-  raise ValueError(f"unknown source {source!r} in config.data.sources: use 'wiki_offline', "
-                   "'text:PATTERN', 'jsonl:PATTERN[:FIELD]' or 'tfds:NAME[:FEATURE]'")
+  raise errors.ConfigError(f"unknown source {source!r} in config.data.sources: use 'wiki_offline', "
+                           "'text:PATTERN', 'jsonl:PATTERN[:FIELD]' or 'tfds:NAME[:FEATURE]'")
 
 
 def _prepare(kind: str, paths: tuple[str, ...], field: str, data_dir: pathlib.Path) -> Documents:
@@ -109,14 +110,14 @@ def _catalogue(name: str, feature: str, tfds_data_dir: str | None) -> Documents:
   try:
     records = tfds.data_source(name, split="train", data_dir=tfds_data_dir, download=False)
   except tfds.core.registered.DatasetNotFoundError:
-    raise FileNotFoundError(
+    raise errors.MissingInput(
         f"TFDS dataset {name!r} is not prepared in {tfds_data_dir or 'the default TFDS data dir'}: "
         f"build it with `tfds build {name} --file_format=array_record` or set "
         "config.data.tfds_data_dir") from None
   info = records.dataset_info
   if feature not in info.features:
-    raise ValueError(f"TFDS dataset {name!r} has no feature {feature!r}: name one of "
-                     f"{sorted(info.features)} as 'tfds:{name}:FEATURE'")
+    raise errors.ConfigError(f"TFDS dataset {name!r} has no feature {feature!r}: name one of "
+                             f"{sorted(info.features)} as 'tfds:{name}:FEATURE'")
   return Documents(records, feature, f"{info.full_name}:{len(records)}")
 
 
@@ -130,8 +131,8 @@ def _expand(pattern: str, source: str) -> tuple[str, ...]:
   path = epath.Path(pattern).expanduser()
   paths = tuple(str(p) for p in sorted(path.parent.glob(path.name)))
   if not paths:
-    raise FileNotFoundError(f"no file matches {pattern!r} (source {source!r}): fix the path in "
-                            "config.data.sources")
+    raise errors.MissingInput(f"no file matches {pattern!r} (source {source!r}): fix the path in "
+                              "config.data.sources")
   return paths
 
 
@@ -141,8 +142,9 @@ def _decode(raw: bytes | str, where: str) -> str:
   try:
     return raw.decode("utf-8")
   except UnicodeDecodeError as error:
-    raise ValueError(f"{where}: byte {error.start} is not UTF-8: re-encode the file as UTF-8, e.g. "
-                     "`iconv -f latin1 -t utf-8`") from None
+    raise errors.ConfigError(
+        f"{where}: byte {error.start} is not UTF-8: re-encode the file as UTF-8, e.g. "
+        "`iconv -f latin1 -t utf-8`") from None
 
 
 def _read_lines(path: epath.Path, field: str) -> Iterator[tuple[int, str]]:
@@ -161,8 +163,9 @@ def _read_jsonl(path: epath.Path, field: str) -> Iterator[tuple[int, str]]:
     except (json.JSONDecodeError, KeyError, TypeError):
       text = None
     if not isinstance(text, str):
-      raise ValueError(f"{path}:{line_number}: not a JSON object with a string field {field!r}: "
-                       "fix the line or name the text field as 'jsonl:PATTERN:FIELD'")
+      raise errors.ConfigError(
+          f"{path}:{line_number}: not a JSON object with a string field {field!r}: "
+          "fix the line or name the text field as 'jsonl:PATTERN:FIELD'")
     if text.strip():
       yield line_number, text
 

@@ -14,6 +14,7 @@ import numpy as np
 import tokenizers
 from absl import logging
 
+from distil_jax import errors
 from distil_jax.data import files
 from distil_jax.data.sources import Documents
 
@@ -53,17 +54,19 @@ def load_tokenizer(path: str | os.PathLike, vocab_size: int | None = None) -> to
     file = directory / "vocab.txt"
     tokenizer = _wordpiece_tokenizer(file, _lowercase(directory))
   else:
-    raise FileNotFoundError(f"no tokenizer.json or vocab.txt in {directory}: point tokenizer_dir "
-                            "at the teacher's HuggingFace directory")
+    raise errors.MissingInput(f"no tokenizer.json or vocab.txt in {directory}: point tokenizer_dir "
+                              "at the teacher's HuggingFace directory")
   tokenizer.no_padding()
   tokenizer.no_truncation()
   if vocab_size is not None and tokenizer.get_vocab_size() != vocab_size:
-    raise ValueError(f"{file} has {tokenizer.get_vocab_size()} tokens but the teacher's vocab_size "
-                     f"is {vocab_size}: use the teacher's own tokenizer")
+    raise errors.ConfigError(
+        f"{file} has {tokenizer.get_vocab_size()} tokens but the teacher's vocab_size "
+        f"is {vocab_size}: use the teacher's own tokenizer")
   missing = [token for token in SPECIAL_TOKENS if tokenizer.token_to_id(token) is None]
   if missing:
-    raise ValueError(f"{file} lacks the BERT special tokens {missing}: use the teacher's own "
-                     "BERT WordPiece tokenizer")
+    raise errors.ConfigError(
+        f"{file} lacks the BERT special tokens {missing}: use the teacher's own "
+        "BERT WordPiece tokenizer")
   return tokenizer
 
 

@@ -1,0 +1,25 @@
+"""Errors the user can fix: the commands print their one-line message alone, no traceback.
+
+A traceback is kept for everything else (a bug). Each class also derives from the built-in
+exception its callers would expect (ValueError, FileNotFoundError, FileExistsError).
+"""
+
+
+class UserError(Exception):
+  """Bad input (a config value, a file, a workdir); the message names the problem and the fix."""
+
+
+class ConfigError(UserError, ValueError):
+  """A config value, or data that do not fit it."""
+
+
+class MissingInput(UserError, FileNotFoundError):
+  """A file or directory that should be there is not."""
+
+
+class OutputExists(UserError, FileExistsError):
+  """An output would overwrite something that is not ours to overwrite."""
+
+
+class Diverged(UserError, FloatingPointError):
+  """Training met a non-finite loss, gradient or parameter; the last good state is saved."""
