@@ -29,11 +29,16 @@ Use in the train loop (a SIGTERM makes it save and exit cleanly)::
 import dataclasses
 import json
 import math
+import os
 import signal
+import socket
+import time
+import uuid
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
@@ -48,6 +53,10 @@ _DIFFERENT_MODEL = "this workdir holds a checkpoint of a different model; use a 
 
 class CheckpointError(errors.UserError, ValueError):
   """A checkpoint or config that cannot be used; the one-line message says what to do."""
+
+
+class CorruptCheckpoint(CheckpointError):
+  """A checkpoint step that cannot be read back (truncated, partly deleted, unreadable)."""
 
 
 def _first_line(e: BaseException) -> str:
@@ -165,13 +174,7 @@ class Checkpointer:
     elif step not in steps:
       raise CheckpointError(
           f"no checkpoint of step {step} in {self.directory}; available steps: {steps}")
-    try:
-      metadata = self._manager.item_metadata(step)["state"]
-    except (OSError, ValueError, KeyError) as e:
-      raise self._corrupt(step, steps, _first_line(e)) from e
-    if metadata is None:  # orbax could not read state/_METADATA.
-      raise self._corrupt(step, steps, "unreadable state metadata")
-    stored = _leaf_shapes(metadata.tree)
+    stored = _leaf_shapes(self._metadata(step))
     wanted = _leaf_shapes(abstract_state)
     for path, shape in wanted.items():
       if path not in stored:
@@ -189,9 +192,19 @@ class Checkpointer:
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-    except (OSError, ValueError, KeyError) as e:
-      raise self._corrupt(step, steps, _first_line(e)) from e
+    except Exception as e:  # TensorStore reports a truncated file as a plain Exception.
+      raise self._corrupt(step, _first_line(e)) from e
     return restored["state"], restored["data"]
+
+  def _metadata(self, step: int) -> PyTree:
+    """The shapes and dtypes of the state saved at `step`."""
+    try:
+      metadata = self._manager.item_metadata(step)["state"]
+    except Exception as e:  # orbax and TensorStore raise many kinds for a damaged step.
+      raise self._corrupt(step, _first_line(e)) from e
+    if metadata is None:  # orbax could not read state/_METADATA.
+      raise self._corrupt(step, "unreadable state metadata")
+    return metadata.tree
 
   def restore_on_one_device(self, step: int | None = None) -> PyTree:
     """The state of `step` (default: the latest) on this host's first device, whatever mesh
@@ -201,18 +214,15 @@ class Checkpointer:
       raise CheckpointError(f"no checkpoint of step {step} in {self.directory}; available "
                             f"steps: {list(self._manager.all_steps())}")
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    metadata = self._manager.item_metadata(step)["state"]
-    if metadata is None:
-      raise self._corrupt(step, list(self._manager.all_steps()), "unreadable state metadata")
     abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                            metadata.tree)
+                            self._metadata(step))
     return self.restore(abstract, step)[0]
 
-  def _corrupt(self, step: int, steps: list[int], reason: str) -> CheckpointError:
-    return CheckpointError(
+  def _corrupt(self, step: int, reason: str) -> CorruptCheckpoint:
+    return CorruptCheckpoint(
         f"checkpoint step {step} in {self.directory} is corrupt or incomplete ({reason}); "
-        f"restore another step (available: {steps}) or move {self.directory / str(step)} out "
-        "of the way")
+        f"use another step (available: {self.all_steps()}) or move "
+        f"{self.directory / str(step)} out of the way")
 
   def wait(self) -> None:
     """Blocks until the pending asynchronous save is on disk."""
@@ -266,6 +276,84 @@ class PreemptionWatcher:
 
   def __exit__(self, *exc_info) -> None:
     self.close()
+
+
+class WorkdirLock:
+  """WORKDIR/lock.json, held by the run that trains in the workdir (taken by process 0).
+
+  A second run is refused with the holder's host and pid. A lock left by a dead process is taken
+  over: on the same host when its pid is gone, from another host when its heartbeat (renewed
+  by `refresh`, at every log and checkpoint) is older than `stale_after_s`. On local disks the
+  lock is created atomically; on GCS it is written and read back (two runs started within the
+  same second could both pass).
+  """
+
+  def __init__(self, workdir: epath.PathLike, stale_after_s: float = 600.0):
+    self.path = epath.Path(workdir) / "lock.json"
+    self.stale_after_s = stale_after_s
+    self._mine = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex}
+
+  def acquire(self) -> None:
+    holder = self._holder()
+    if holder is not None and self._alive(holder):
+      raise CheckpointError(
+          f"{self.path.parent} is in use by process {holder.get('pid')} on host "
+          f"{holder.get('host')} (heartbeat {time.time() - holder.get('heartbeat', 0):.0f} s "
+          "ago): wait for that run to end or stop it; the lock of a dead process is taken over")
+    if holder is not None:
+      logging.warning("Taking over the lock of %s: its process %s on %s is gone.",
+                      self.path.parent, holder.get("pid"), holder.get("host"))
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+      self._write(exclusive=holder is None)
+    except FileExistsError:
+      raise CheckpointError(f"{self.path.parent} was locked by another run just now: wait for "
+                            "it to end or stop it") from None
+    if (self._holder() or {}).get("token") != self._mine["token"]:
+      raise CheckpointError(f"{self.path.parent} was locked by another run just now: wait for "
+                            "it to end or stop it")
+
+  def refresh(self) -> None:
+    """Renews the heartbeat."""
+    self._write(exclusive=False)
+
+  def release(self) -> None:
+    if (self._holder() or {}).get("token") == self._mine["token"]:
+      self.path.unlink()
+
+  def __enter__(self) -> "WorkdirLock":
+    self.acquire()
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.release()
+
+  def _holder(self) -> dict[str, Any] | None:
+    try:
+      return json.loads(self.path.read_text())
+    except FileNotFoundError:
+      return None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+      return {}  # A half-written lock: a run is starting.
+
+  def _alive(self, holder: dict[str, Any]) -> bool:
+    if holder.get("host") == self._mine["host"] and "pid" in holder:
+      try:
+        os.kill(holder["pid"], 0)
+      except ProcessLookupError:
+        return False
+      except PermissionError:
+        return True
+      return True
+    return time.time() - holder.get("heartbeat", time.time()) < self.stale_after_s
+
+  def _write(self, exclusive: bool) -> None:
+    text = json.dumps({**self._mine, "heartbeat": time.time()})
+    if exclusive and "://" not in str(self.path):
+      with open(self.path, "x") as f:  # Atomic: fails if another run created it first.
+        f.write(text)
+    else:
+      self.path.write_text(text)
 
 
 def write_config(workdir: epath.PathLike, config: dict[str, Any]) -> None:

@@ -12,6 +12,13 @@ from distil_jax import errors
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Start JAX's multi-host runtime (jax.distributed.initialize()) first: "
     "auto-detected on TPU VMs, or given by --coordinator_address, --num_processes, --process_id.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0, with --distributed off TPU VMs.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes of the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0 to n - 1.")
+ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    "allow_config_change", False, "Resume a workdir although the config changes the run's "
+    "trajectory (learning rate, steps, data, ...).")
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -37,7 +44,11 @@ def start() -> None:
   """Quiets libraries' INFO logs and starts the multi-host runtime if asked: call it first."""
   logging.get_absl_handler().addFilter(_OwnLogs())
   if _DISTRIBUTED.value:
-    jax.distributed.initialize()
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+  elif _COORDINATOR.value or _NUM_PROCESSES.value or _PROCESS_ID.value is not None:
+    raise app.UsageError("--coordinator_address, --num_processes and --process_id need "
+                         "--distributed")
 
 
 def run(main) -> None:

@@ -1,13 +1,16 @@
 r"""Distils a BERT teacher into a DistilBERT student (or trains a teacher on MLM alone).
 
   python -m distil_jax.main --config=experiments/tiny.py --workdir=workdirs/tiny \
-      [--config.distill.temperature=4 ...]
+      [--config.distill.temperature=4 ...] [--distributed ...]
 
-Starting again on a workdir with a checkpoint resumes from it; SIGTERM (a TPU preemption) saves
-and exits cleanly. The train loop itself is `distil_jax.train.run`.
+Starting again on a workdir with a checkpoint resumes from it (with --config omitted, with the
+config saved there); SIGTERM (a TPU preemption) saves and exits cleanly. A changed config that
+alters the run's trajectory is refused unless --allow_config_change. The train loop itself is
+`distil_jax.train.run`.
 """
 
 from absl import app, flags
+from etils import epath
 from ml_collections import config_flags
 
 from distil_jax import cli, train
@@ -22,7 +25,14 @@ def main(argv) -> None:
   cli.start()
   if _WORKDIR.value is None:
     raise app.UsageError("--workdir is required: the directory for checkpoints and exports")
-  train.run([_CONFIG.value], [_WORKDIR.value])
+  config = _CONFIG.value
+  if config is None:
+    if not (epath.Path(_WORKDIR.value) / "config.json").exists():
+      raise app.UsageError("--config is required to start a run (e.g. "
+                           "--config=experiments/tiny.py); only a workdir that holds a run "
+                           "resumes without it")
+    config = train.saved_config(_WORKDIR.value)
+  train.run([config], [_WORKDIR.value], allow_config_change=cli.ALLOW_CONFIG_CHANGE.value)
 
 
 if __name__ == "__main__":

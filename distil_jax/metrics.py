@@ -3,28 +3,41 @@
 import contextlib
 import json
 import math
-import pathlib
 import time
 from collections.abc import Iterator, Sequence
 
 import jax
 from absl import logging
+from etils import epath
+
+from distil_jax import storage
 
 
 class MetricWriter:
   """Writes train and eval scalars to the console, WORKDIR/tensorboard and WORKDIR/metrics.jsonl
   (one JSON object per line: {"step", "kind": "train" or "eval", "time": Unix seconds,
-  scalars...})."""
+  scalars...}).
 
-  def __init__(self, workdir: pathlib.Path, total_steps: int, name: str = ""):
+  A run resumed from `resume_step` first drops the rows of later steps (logged before the
+  interruption, about to be logged again), so that every step has one row of each kind. The file
+  is rewritten whole at each write, which works on GCS too (objects cannot be appended to).
+  Scalars named in `quiet` are written to the files but not printed.
+  """
+
+  def __init__(self, workdir: epath.PathLike, total_steps: int, name: str = "",
+               resume_step: int = 0, quiet: Sequence[str] = ()):
     self.total_steps = total_steps
     self.prefix = f"{name}: " if name else ""
+    self.quiet = set(quiet)
     self.enabled = jax.process_index() == 0
-    self._tensorboard = self._jsonl = None
+    self._path = epath.Path(workdir) / "metrics.jsonl"
+    self._lines, self._tensorboard = [], None
     if self.enabled:
       from tensorboardX import SummaryWriter
-      self._tensorboard = SummaryWriter(str(workdir / "tensorboard"))
-      self._jsonl = open(workdir / "metrics.jsonl", "a")  # noqa: SIM115 (closed by close()).
+      self._tensorboard = SummaryWriter(str(epath.Path(workdir) / "tensorboard"))
+      if self._path.exists():
+        self._lines = [line for line in self._path.read_text().splitlines()
+                       if _step(line) <= resume_step]
     self._last = None  # (time, step) of the previous train write.
     self._excluded = 0.0  # Seconds since then spent outside training (eval, checkpoints).
 
@@ -33,8 +46,8 @@ class MetricWriter:
       self._tensorboard.add_scalar(f"{kind}/{name}", value, step)
     self._tensorboard.flush()
     row = {"step": step, "kind": kind, "time": round(time.time(), 3), **scalars}
-    self._jsonl.write(json.dumps(row) + "\n")
-    self._jsonl.flush()
+    self._lines.append(json.dumps(row))
+    storage.write_atomic(self._path, "\n".join(self._lines) + "\n")
 
   def train(self, step: int, scalars: dict[str, float], tokens: float,
             flops_per_step: float, peak_flops: float) -> None:
@@ -53,7 +66,7 @@ class MetricWriter:
       return
     self._scalars(step, "train", scalars)
     parts = " ".join(f"{k.removeprefix('loss_')}={scalars[k]:.4g}" for k in sorted(scalars)
-                     if k.startswith("loss_"))
+                     if k.startswith("loss_") and k not in self.quiet)
     line = f"{self.prefix}step {step}/{self.total_steps} loss={scalars['loss']:.4g} ({parts})"
     line += f" acc={scalars['student_accuracy']:.3f}"
     if "teacher_accuracy" in scalars:
@@ -74,7 +87,6 @@ class MetricWriter:
   def close(self) -> None:
     if self.enabled:
       self._tensorboard.close()
-      self._jsonl.close()
 
 
 @contextlib.contextmanager
@@ -86,6 +98,14 @@ def paused(writers: Sequence[MetricWriter]) -> Iterator[None]:
   finally:
     for writer in writers:
       writer._excluded += time.perf_counter() - start
+
+
+def _step(line: str) -> float:
+  """The step of a metrics.jsonl line (a damaged line counts as step 0: it is kept)."""
+  try:
+    return json.loads(line)["step"]
+  except (json.JSONDecodeError, KeyError, TypeError):
+    return 0
 
 
 def _duration(seconds: float) -> str:

@@ -36,6 +36,7 @@ class StepConfig:
   gather_logits: bool = True  # Vocabulary projection only where the losses need logits.
   max_predictions: int = 20  # Masked positions per sequence that the gather keeps.
   accum_steps: int = 1  # Micro-batches per update (and per eval batch).
+  frozen: tuple[str, ...] = ()  # Regexes of the frozen parameters (as `make_optimizer`'s).
   num_points: int = 0  # Runs stacked on a leading axis of state and hyper (0: no such axis).
 
 
@@ -70,13 +71,13 @@ def make_optimizer(*, total_steps: int, lr_peak: float, warmup_steps: int, b1: f
 
   def group(path: tuple[str, ...]) -> str:
     name = "/".join(path)
-    if any(re.search(pattern, name) for pattern in frozen):
-      return "frozen"
     return next((f"lr_x{factor:g}" for pattern, factor in lr_multipliers
                  if re.search(pattern, name)), "lr_x1")
 
-  groups = lambda params: traverse_util.path_aware_map(lambda path, _: group(path), params)
-  trainable = lambda params: jax.tree.map(lambda g: g != "frozen", groups(params))
+  groups = lambda params: jax.tree.map(
+      lambda g, t: g if t else "frozen",
+      traverse_util.path_aware_map(lambda path, _: group(path), params),
+      trainable(params, frozen))
   decay_mask = lambda params: traverse_util.path_aware_map(
       lambda path, _: path[-1] in ("kernel", "embedding"), params)
   adamw = lambda factor: optax.adamw(lambda count: factor * schedule(count), b1, b2, eps,
@@ -84,8 +85,15 @@ def make_optimizer(*, total_steps: int, lr_peak: float, warmup_steps: int, b1: f
   transforms = {f"lr_x{factor:g}": adamw(factor) for factor in {1.0, *dict(lr_multipliers)
                                                                 .values()}}
   transforms["frozen"] = optax.set_to_zero()
-  return optax.chain(optax.masked(optax.clip_by_global_norm(clip_norm), trainable),
-                     optax.multi_transform(transforms, groups)), schedule
+  return optax.chain(
+      optax.masked(optax.clip_by_global_norm(clip_norm), lambda p: trainable(p, frozen)),
+      optax.multi_transform(transforms, groups)), schedule
+
+
+def trainable(params: PyTree, frozen: Sequence[str]) -> PyTree:
+  """True for the parameters whose path ("student/embeddings/...") matches no `frozen` regex."""
+  return traverse_util.path_aware_map(
+      lambda path, _: not any(re.search(pattern, "/".join(path)) for pattern in frozen), params)
 
 
 def init_projection(student_hidden: int, teacher_hidden: int, seed: int = 0) -> PyTree:
@@ -241,12 +249,20 @@ def train_step(state: PyTree, teacher_params: PyTree | None, batch: PyTree, hype
       lambda carry, xs: (jax.tree.map(jnp.add, carry, micro_grads(*xs)), None), zeros,
       (micro, jnp.arange(config.accum_steps)))
 
-  def point_update(state, grads, hyper):
+  def point_update(state, grads, hyper, loss):
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     updates = jax.tree.map(lambda u: u * jnp.asarray(hyper.lr_scale, u.dtype), updates)
-    return ({"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
-             "opt_state": opt_state}, optax.global_norm(grads))
-  new_state, metrics["grad_norm"] = _per_point(config, point_update, 3, 3)(state, grads, hyper)
+    params = optax.apply_updates(state["params"], updates)
+    grad_norm = optax.global_norm(trained(grads))
+    # A non-finite loss, gradient or result is not applied: params and optimizer state stay.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(params))
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    return ({"step": state["step"] + 1, "params": keep(params, state["params"]),
+             "opt_state": keep(opt_state, state["opt_state"])}, grad_norm, finite)
+  trained = lambda tree: jax.tree.map(lambda x, t: x if t else jnp.zeros_like(x), tree,
+                                      trainable(tree, config.frozen))
+  new_state, metrics["grad_norm"], metrics["finite"] = _per_point(config, point_update, 4, 4)(
+      state, grads, hyper, metrics["loss"])
   metrics["student_accuracy"] = metrics.pop("student_correct") / jnp.maximum(metrics["masked"], 1)
   if "teacher_correct" in metrics:
     metrics["teacher_accuracy"] = metrics.pop("teacher_correct") / jnp.maximum(

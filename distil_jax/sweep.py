@@ -237,7 +237,8 @@ def shared_teacher(points: Sequence[Point], directory: epath.Path) -> None:
 
 
 def sweep(base: ml_collections.ConfigDict, grid: list[dict[str, Any]], directory: epath.PathLike,
-          mode: str = "fused", group: int | None = None) -> None:
+          mode: str = "fused", group: int | None = None, allow_config_change: bool = False
+          ) -> None:
   """Runs (or resumes) every unfinished point of `grid` in `directory`."""
   directory = epath.Path(directory)
   points = make_points(base, grid)
@@ -259,7 +260,7 @@ def sweep(base: ml_collections.ConfigDict, grid: list[dict[str, Any]], directory
       logging.info("Group %d is finished.", index)
       continue
     train.run([p.config for p in todo], [directory / p.workdir for p in todo],
-              [p.workdir for p in todo] if len(points) > 1 else None)
+              [p.workdir for p in todo] if len(points) > 1 else None, allow_config_change)
     if not all(finished(p, directory) for p in todo):
       logging.info("Sweep stopped (preempted); start the same command again to resume.")
       return
@@ -281,7 +282,7 @@ def main(argv) -> None:
       print(json.dumps({"group": index, "points": [
           {"overrides": p.overrides, "workdir": p.workdir} for p in members]}, default=str))
     return
-  sweep(base, grid, _WORKDIR.value, _MODE.value, _GROUP.value)
+  sweep(base, grid, _WORKDIR.value, _MODE.value, _GROUP.value, cli.ALLOW_CONFIG_CHANGE.value)
 
 
 if __name__ == "__main__":

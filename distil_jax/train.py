@@ -24,19 +24,21 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from distil_jax import (
-  checkpoint,
-  data,
-  errors,
-  hf,
-  losses,
-  metrics,
-  models,
-  perf,
-  points,
-  resources,
-  sharding,
-  step,
-  student,
+    checkpoint,
+    data,
+    errors,
+    hf,
+    hosts,
+    losses,
+    metrics,
+    models,
+    perf,
+    points,
+    resources,
+    sharding,
+    step,
+    storage,
+    student,
 )
 
 # Keys in which fused runs may differ: the step takes them as arrays, or they only change the
@@ -57,6 +59,13 @@ def flatten(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return flat
 
 
+def saved_config(workdir: epath.PathLike) -> ml_collections.ConfigDict:
+  """The config a run saved in `workdir` (its lists back to tuples, as config files write them)."""
+  as_tuples = lambda v: ({k: as_tuples(x) for k, x in v.items()} if isinstance(v, dict)
+                         else tuple(map(as_tuples, v)) if isinstance(v, list) else v)
+  return ml_collections.ConfigDict(as_tuples(checkpoint.read_config(workdir)))
+
+
 def fusion_key(config: ml_collections.ConfigDict) -> str:
   """Equal for configs whose runs can be fused: everything but `FUSABLE_KEYS`."""
   rest = {k: v for k, v in flatten(config).items() if k not in FUSABLE_KEYS}
@@ -68,7 +77,7 @@ def teacher_directory(config: ml_collections.ConfigDict, workdir: epath.Path) ->
   config asks for it."""
   if config.adapt_teacher is not None:
     stage = workdir / "teacher"
-    exported = lambda: (stage / "export" / "config.json").exists()
+    exported = lambda: hosts.decide((stage / "export" / "config.json").exists)
     if not exported():
       logging.info("Adapting the teacher with MLM training into %s.", stage)
       run([config.adapt_teacher], [stage])
@@ -142,7 +151,7 @@ def optimizer(config: ml_collections.ConfigDict):
   o = config.optim
   return step.make_optimizer(
       total_steps=config.total_steps, lr_peak=o.lr_peak,
-      warmup_steps=int(o.warmup_frac * config.total_steps), b1=o.b1, b2=o.b2, eps=o.eps,
+      warmup_steps=math.ceil(o.warmup_frac * config.total_steps), b1=o.b1, b2=o.b2, eps=o.eps,
       weight_decay=o.weight_decay, clip_norm=o.clip_norm, frozen=o.frozen,
       lr_multipliers=o.lr_multipliers)
 
@@ -161,33 +170,121 @@ def evaluate(eval_step, params, teacher, batches, batch_sharding, num_runs: int
           for i in range(num_runs)]
 
 
+# Keys that may change when a run resumes: they change what is logged, saved or how the work is
+# split, not the run's trajectory. Any other change is refused unless allow_config_change.
+RESUMABLE_CHANGES = ("log_every_steps", "eval_every_steps", "eval_batches",
+                     "checkpoint_every_steps", "keep_checkpoints", "export", "fill_mask",
+                     "mesh_shape", "accum_steps", "on_nonfinite", "max_skipped_steps",
+                     "data.read_threads", "data.data_dir", "data.tfds_data_dir",
+                     "data.eval_batch_size")
+
+
+def config_changes(saved: dict[str, Any], config: ml_collections.ConfigDict) -> list[str]:
+  """The keys of `config` that differ from the `saved` config and alter the trajectory, each as
+  "key: old -> new"."""
+  as_json = lambda flat: {k: json.dumps(v, sort_keys=True) for k, v in flat.items()}
+  old = as_json(flatten(ml_collections.ConfigDict(saved)))
+  new = as_json(flatten(ml_collections.ConfigDict(json.loads(json.dumps(config.to_dict())))))
+  return [f"{key}: {old.get(key, '(absent)')} -> {new.get(key, '(absent)')}"
+          for key in sorted(old.keys() | new.keys())
+          if old.get(key) != new.get(key) and key not in RESUMABLE_CHANGES]
+
+
+def check_workdir(config: ml_collections.ConfigDict, workdir: epath.Path,
+                  allow_config_change: bool) -> None:
+  """Refuses to resume a run in `workdir` with a config that changes its trajectory."""
+  if not (workdir / "config.json").exists():
+    return
+  changes = config_changes(checkpoint.read_config(workdir), config)
+  if changes and not allow_config_change:
+    raise checkpoint.CheckpointError(
+        f"{workdir} holds a run with another config ({'; '.join(changes[:4])}"
+        f"{f'; and {len(changes) - 4} more' if len(changes) > 4 else ''}): use a new --workdir, "
+        "or resume with the saved config (omit --config), or pass --allow_config_change")
+  if changes:
+    logging.warning("Resuming %s with a changed config: %s.", workdir, "; ".join(changes))
+
+
+def check_model(workdir: epath.Path, model_config: models.ModelConfig) -> None:
+  """Refuses a workdir whose checkpoints hold a model of another shape."""
+  if not (workdir / "model.json").exists():
+    return
+  saved, _ = checkpoint.read_model(workdir)
+  shape = lambda c: dataclasses.replace(c, dtype="", param_dtype="", hidden_dropout=0,
+                                        attention_dropout=0)
+  if shape(saved) != shape(model_config):
+    raise checkpoint.CheckpointError(
+        f"{workdir} holds a {_describe(saved)}, this config makes a {_describe(model_config)}: "
+        "use a new --workdir")
+
+
+def _describe(c: models.ModelConfig) -> str:
+  kind = "DistilBERT student" if c.is_distilbert else "BERT"
+  return (f"{c.num_layers}-layer {kind} (hidden {c.hidden_size}, {c.num_heads} heads, mlp "
+          f"{c.intermediate_size}, vocab {c.vocab_size}, {c.max_positions} positions)")
+
+
 def run(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[epath.PathLike],
-        names: Sequence[str] | None = None) -> list[dict[str, float]]:
+        names: Sequence[str] | None = None, allow_config_change: bool = False
+        ) -> list[dict[str, float]]:
   """Trains the runs `configs` in `workdirs`; returns each run's final held-out metrics.
 
   Several runs must agree on everything but `FUSABLE_KEYS`; they are trained together, the
   teacher's forward computed once per batch for all of them. `names` label their log lines.
+  Each workdir is locked while the run trains in it.
   """
+  if len({fusion_key(c) for c in configs}) > 1:
+    raise errors.ConfigError(
+        "runs trained together must differ only in " + ", ".join(FUSABLE_KEYS))
+  workdirs = [storage.absolute(w) for w in workdirs]
+  locks = [checkpoint.WorkdirLock(w) for w in workdirs]
+
+  def acquire() -> None:
+    for lock in locks:
+      lock.acquire()
+  try:
+    hosts.decide(acquire)
+    _check_shared(locks[0])
+    return _train(configs, workdirs, list(names) if names else [""] * len(configs), locks,
+                  allow_config_change)
+  finally:
+    if hosts.is_main():
+      for lock in locks:
+        lock.release()
+
+
+def _check_shared(lock: checkpoint.WorkdirLock) -> None:
+  """On several hosts, refuses a workdir that is not the same directory on every host."""
+  if jax.process_count() == 1:
+    return
+  token = hosts.share(json.loads(lock.path.read_text())["token"] if hosts.is_main() else None)
+  seen = lock.path.exists() and json.loads(lock.path.read_text()).get("token") == token
+  if not hosts.all_true(seen):
+    raise errors.ConfigError(
+        f"{lock.path.parent} is not the same directory on every host: give a --workdir that "
+        "all hosts share (gs://BUCKET/... or a shared file system)")
+
+
+def _train(configs, workdirs, names, locks, allow_config_change) -> list[dict[str, float]]:
   # ---------------------------------------------------------------- Config and workdirs.
   config, num_runs = configs[0], len(configs)
-  if len({fusion_key(c) for c in configs}) > 1:
-    raise errors.ConfigError("runs trained together must differ only in " + ", ".join(FUSABLE_KEYS))
-  workdirs = [epath.Path(w) for w in workdirs]
-  names = list(names) if names else [""] * num_runs
   for c, workdir in zip(configs, workdirs, strict=True):
-    checkpoint.write_config(workdir, c.to_dict())
+    hosts.decide(lambda c=c, workdir=workdir: check_workdir(c, workdir, allow_config_change))
 
   # ---------------------------------------------------------------- Teacher, models to train.
   teacher_dir = teacher_directory(config, workdirs[0])
   tokenizer_dir = epath.Path(config.tokenizer) if config.tokenizer else teacher_dir
   model_config, params, teacher_config, teacher_params = load_models(configs, teacher_dir)
+  for workdir in workdirs:
+    hosts.decide(lambda workdir=workdir: check_model(workdir, model_config))
+  for c, workdir in zip(configs, workdirs, strict=True):  # Valid: now the workdir is written.
+    checkpoint.write_config(workdir, c.to_dict())
+    checkpoint.write_model(workdir, model_config, tokenizer_dir)
   logging.info("Training %s%s: %s parameters each (teacher: %s).",
                "a student" if teacher_config else "the teacher on MLM",
                f" x {num_runs} runs fused" if num_runs > 1 else "",
                f"{models.count_params(model_config):,}",
                f"{models.count_params(teacher_config):,}" if teacher_config else "none")
-  for workdir in workdirs:
-    checkpoint.write_model(workdir, model_config, tokenizer_dir)
 
   # ---------------------------------------------------------------- Data.
   peak_flops = perf.peak_flops_per_device()  # Measured on CPU: before the loader's threads run.
@@ -203,16 +300,18 @@ def run(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[epath.P
   # ---------------------------------------------------------------- Mesh, sharded state, steps.
   mesh = sharding.make_mesh(config.mesh_shape)
   if config.data.batch_size % (config.accum_steps * mesh.shape["data"] * mesh.shape["fsdp"]):
-    raise errors.ConfigError(f"data.batch_size={config.data.batch_size} must be a multiple of "
-                             f"accum_steps={config.accum_steps} times the data-parallel devices "
-                             f"({mesh.shape['data'] * mesh.shape['fsdp']}): change one of them")
+    raise errors.ConfigError(
+        f"data.batch_size={config.data.batch_size} must be a multiple of accum_steps="
+        f"{config.accum_steps} times the data-parallel devices "
+        f"({mesh.shape['data'] * mesh.shape['fsdp']}): change one of them")
   step_config = step.StepConfig(
       student=model_config, teacher=teacher_config,
       restrict_ce_to_mask=config.distill.restrict_ce_to_mask,
       gather_logits=config.distill.gather_logits,
       max_predictions=config.distill.max_predictions or step.max_predictions(
           config.data.max_len, config.data.mask_prob),
-      accum_steps=config.accum_steps, num_points=num_runs if num_runs > 1 else 0)
+      accum_steps=config.accum_steps, frozen=tuple(config.optim.frozen),
+      num_points=num_runs if num_runs > 1 else 0)
   params = [{"student": p} for p in params]
   if config.distill.project_student_hidden and teacher_config:
     for p, c in zip(params, configs, strict=True):
@@ -233,47 +332,54 @@ def run(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[epath.P
   # ---------------------------------------------------------------- Resume.
   ckpts = [checkpoint.Checkpointer(w, save_every_steps=config.checkpoint_every_steps,
                                    keep_last=config.keep_checkpoints) for w in workdirs]
-  first_step = _resume_step(ckpts)
-  if first_step:
-    state_shardings = jax.tree.map(lambda x: x.sharding, state)
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            jax.eval_shape(one_run, state, 0),
-                            state_shardings if num_runs == 1 else points.one_point_shardings(
-                                state_shardings))
-    restored = [ckpt.restore(abstract, first_step) for ckpt in ckpts]
+  first_step, restored = _restore(ckpts, state, one_run, num_runs)
+  if first_step > config.total_steps:
+    raise checkpoint.CheckpointError(
+        f"{workdirs[0]} has a checkpoint at step {first_step}, past total_steps="
+        f"{config.total_steps}: export it with distil_jax.export, or use a new --workdir")
+  if restored:
     states = [s for s, _ in restored]
-    state = states[0] if num_runs == 1 else points.put_back(states, state_shardings)
+    state = states[0] if num_runs == 1 else points.put_back(
+        states, jax.tree.map(lambda x: x.sharding, state))
     datasets.train.set_state(restored[0][1])
     logging.info("Resumed from step %d of %s.", first_step, ", ".join(map(str, workdirs)))
 
   # ---------------------------------------------------------------- Train loop.
-  writers = [metrics.MetricWriter(w, config.total_steps, name)
-             for w, name in zip(workdirs, names, strict=True)]
+  quiet = lambda c: [f"loss_{part}" for part in ("ce", "mlm", "cos", "mse")
+                     if not c.distill[f"alpha_{part}"]]
+  writers = [metrics.MetricWriter(w, config.total_steps, name, first_step, quiet(c))
+             for w, name, c in zip(workdirs, names, configs, strict=True)]
   run_evaluate = lambda: evaluate(eval_step, state["params"], teacher, eval_batches,
                                   batch_sharding, num_runs)
   eval_metrics = [{}] * num_runs
   if first_step == 0:  # Where the students start, to see them close on the teacher.
     for writer, m in zip(writers, run_evaluate(), strict=True):
       writer.eval(0, m)
-  tokens = 0.0
+  elif first_step == config.total_steps:
+    logging.info("The run is at its last step already.")
+  tokens, skipped, diverged = 0.0, np.zeros(num_runs, int), None
   with checkpoint.PreemptionWatcher() as watcher:
     for step_index in range(first_step + 1, config.total_steps + 1):
       batch = data.global_batch(next(datasets.train), batch_sharding)
       state, train_metrics = train_step(state, teacher, batch, run_hyper)
       tokens = tokens + train_metrics["tokens"]  # Stays on device until the next log.
+      # Read every step (a few bytes): a non-finite update was not applied; say which part.
+      finite = np.asarray(jax.device_get(train_metrics["finite"])).reshape(-1)
+      if not finite.all():
+        skipped += ~finite
+        diverged = _nonfinite(config, step_index, train_metrics, finite, names, skipped)
       if step_index % config.log_every_steps == 0 or step_index == config.total_steps:
         fetched = jax.device_get((train_metrics, tokens))
         for i, writer in enumerate(writers):
           scalars = {k: float(np.asarray(v).reshape(-1)[i]) for k, v in fetched[0].items()}
-          if not math.isfinite(scalars["loss"]):
-            raise FloatingPointError(
-                f"{names[i] or 'the'} loss is {scalars['loss']} at step {step_index}: lower "
-                "optim.lr_peak or check the data; the last checkpoint is safe")
           # The learning rate of this step's update (the schedule counts updates from 0).
           lr = float(schedule(step_index - 1)) * configs[i].optim.lr_peak / config.optim.lr_peak
-          writer.train(step_index, {**scalars, "lr": lr},
+          writer.train(step_index, {**scalars, "lr": lr, "skipped_steps": float(skipped[i])},
                        float(np.asarray(fetched[1]).reshape(-1)[i]), flops_per_step, peak_flops)
         tokens = 0.0
+        if hosts.is_main():
+          for lock in locks:
+            lock.refresh()
       with metrics.paused(writers):
         eval_losses = [None] * num_runs
         if step_index % config.eval_every_steps == 0 or step_index == config.total_steps:
@@ -281,7 +387,7 @@ def run(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[epath.P
           for writer, m in zip(writers, eval_metrics, strict=True):
             writer.eval(step_index, m)
           eval_losses = [m["eval_loss"] for m in eval_metrics]
-        stop = watcher.should_stop(step_index)
+        stop = watcher.should_stop(step_index) or diverged is not None
         data_state = datasets.train.get_state()
         for i, ckpt in enumerate(ckpts):
           ckpt.save(step_index, one_run(state, i), data_state, eval_losses[i],
@@ -289,12 +395,15 @@ def run(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[epath.P
         if stop:
           for ckpt in ckpts:
             ckpt.wait()
-          logging.info("Preempted: saved step %d; start again to resume.", step_index)
+          if diverged is None:
+            logging.info("Preempted: saved step %d; start again to resume.", step_index)
           break
   for ckpt in ckpts:
     ckpt.close()
   for writer in writers:
     writer.close()
+  if diverged is not None:
+    raise errors.Diverged(diverged)
 
   # ---------------------------------------------------------------- Export.
   finished = int(np.asarray(jax.device_get(state["step"])).reshape(-1)[0]) == config.total_steps
@@ -304,19 +413,66 @@ def run(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[epath.P
     if config.export and finished:
       trained = multihost_utils.process_allgather(one_run(state, i)["params"]["student"],
                                                   tiled=True)
-      if jax.process_index() == 0:
+      if hosts.is_main():
         out = hf.export_hf(model_config, trained, workdir / "export", tokenizer_dir)
         logging.info("Exported to %s.", out)
         if config.fill_mask:
           fill_mask(out, config.fill_mask)
+  hosts.barrier("exported")  # The others may read the export next (an adapted teacher).
   return eval_metrics
 
 
-def _resume_step(ckpts: Sequence[checkpoint.Checkpointer]) -> int:
-  """The latest step saved by every run (0: start afresh)."""
-  steps = [set(ckpt.all_steps()) for ckpt in ckpts]
-  common = set.intersection(*steps)
-  return max(common, default=0)
+def _restore(ckpts: Sequence[checkpoint.Checkpointer], state, one_run, num_runs: int):
+  """(step, [(state, data state) per run]) of the latest step that every run saved and every
+  process reads back; a corrupt or partial step is skipped with a warning. (0, None) for none."""
+  steps = hosts.decide(lambda: sorted(set.intersection(*(set(c.all_steps()) for c in ckpts)),
+                                      reverse=True))
+  if not steps:
+    return 0, None
+  shardings = jax.tree.map(lambda x: x.sharding, state)
+  abstract = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      jax.eval_shape(one_run, state, 0),
+      shardings if num_runs == 1 else points.one_point_shardings(shardings))
+  for step_index in steps:
+    try:
+      restored, ok = [c.restore(abstract, step_index) for c in ckpts], True
+    except checkpoint.CorruptCheckpoint as e:
+      logging.warning("%s: resuming from the previous checkpoint instead.", e)
+      ok = False
+    if hosts.all_true(ok):
+      return step_index, restored
+  raise checkpoint.CheckpointError(
+      f"no checkpoint of {ckpts[0].directory} can be read back (steps {steps}): move them out "
+      "of the way to start afresh, or use a new --workdir")
+
+
+def _nonfinite(config, step_index: int, train_metrics, finite: np.ndarray,
+               names: Sequence[str], skipped: np.ndarray) -> str | None:
+  """Logs the runs whose update at `step_index` was not finite (naming the offending part);
+  returns why training must stop, or None to go on."""
+  values = jax.device_get(train_metrics)
+  for i in np.flatnonzero(~finite):
+    value = lambda key, i=i: float(np.asarray(values[key]).reshape(-1)[i])
+    parts = [f"{k}={value(k)}" for k in sorted(values) if k.startswith("loss")
+             and not math.isfinite(value(k))]
+    if not parts:
+      parts = ([f"grad_norm={value('grad_norm')}"] if not math.isfinite(value("grad_norm"))
+               else ["the updated parameters"])
+    what = (f"{names[i] + ': ' if names[i] else ''}step {step_index} is not finite "
+            f"({', '.join(parts)}); its update was not applied")
+    if config.on_nonfinite == "stop":
+      return (f"{what}; saved the last good state as checkpoint {step_index}: lower "
+              "optim.lr_peak (and resume with --allow_config_change) or check the data")
+    if config.on_nonfinite != "skip":
+      raise errors.ConfigError(f"config.on_nonfinite={config.on_nonfinite!r} is unknown: use "
+                               "'stop' or 'skip'")
+    logging.warning("%s (skipped %d of at most %d).", what, skipped[i], config.max_skipped_steps)
+    if skipped[i] > config.max_skipped_steps:
+      return (f"{what}: {skipped[i]} steps skipped, more than max_skipped_steps="
+              f"{config.max_skipped_steps}; saved the last good state as checkpoint "
+              f"{step_index}: lower optim.lr_peak or check the data")
+  return None
 
 
 def log_summary(name: str, step_index: int | None, eval_metrics: dict[str, float]) -> None:

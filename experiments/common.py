@@ -61,6 +61,11 @@ def get_config() -> config_dict.ConfigDict:
   config.teacher_param_dtype = "float32"  # "bfloat16" halves the frozen teacher's memory.
   config.mesh_shape = (-1, 1, 1)  # (data, fsdp, tensor); one -1 takes the remaining devices.
 
+  # A step with a non-finite loss, gradient or result is never applied; then "stop" saves the
+  # last good state and ends the run, "skip" goes on (at most max_skipped_steps times).
+  config.on_nonfinite = "stop"
+  config.max_skipped_steps = 10
+
   config.log_every_steps = 10
   config.eval_every_steps = 200
   config.eval_batches = 0  # Eval batches per evaluation; 0: the whole held-out split.
