@@ -408,7 +408,7 @@ def _train(configs, workdirs, names, locks, allow_config_change) -> list[dict[st
   # ---------------------------------------------------------------- Export.
   finished = int(np.asarray(jax.device_get(state["step"])).reshape(-1)[0]) == config.total_steps
   for i, workdir in enumerate(workdirs):
-    if eval_metrics[i]:
+    if eval_metrics[i] and hosts.is_main():
       log_summary(names[i], config.total_steps if finished else None, eval_metrics[i])
     if config.export and finished:
       trained = multihost_utils.process_allgather(one_run(state, i)["params"]["student"],
