@@ -8,6 +8,7 @@ import functools
 import json
 import os
 import pathlib
+import pickle
 import shutil
 
 import jax
@@ -142,7 +143,17 @@ def _read_weights(directory: pathlib.Path) -> dict[str, np.ndarray]:
         f"no model.safetensors or pytorch_model.bin in {directory}: "
         "point to a directory written by save_pretrained")
   import torch  # Only legacy checkpoints need torch.
-  return {k: v.float().numpy() for k, v in torch.load(path, weights_only=True).items()}
+  try:  # weights_only: a pickle that would run code, or build anything but tensors, is refused.
+    state = torch.load(path, weights_only=True)
+  except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+    raise errors.ConfigError(
+        f"{path} was refused: it is not a plain tensor checkpoint ({_first_line(e)}); load "
+        "only trusted files, and convert them to model.safetensors") from None
+  return {k: v.float().numpy() for k, v in state.items()}
+
+
+def _first_line(e: BaseException) -> str:
+  return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 def _canonical_names(state: dict, layout: str) -> dict:
@@ -168,7 +179,7 @@ def from_hf_state_dict(config: models.ModelConfig, state: dict, layout: str, *,
   shapes = traverse_util.flatten_dict(nn.meta.unbox(models.abstract_params(config)))
   missing = sorted(name for name in table.values() if name not in state)
   flat = {}
-  if missing and set(missing) <= _mlm_head_names(config, layout):
+  if missing and set(missing) == _mlm_head_names(config, layout):
     logging.warning("%s has no MLM head (a %s encoder checkpoint): the MLM head is newly "
                     "initialised; adapt it by MLM training (experiments/teacher_mlm.py) "
                     "before distilling.", source, layout)
@@ -176,8 +187,9 @@ def from_hf_state_dict(config: models.ModelConfig, state: dict, layout: str, *,
     flat = {path: np.asarray(x) for path, x in traverse_util.flatten_dict(fresh).items()}
   elif missing:
     raise errors.ConfigError(
-        f"{source} lacks {len(missing)} weights, e.g. {missing[0]}: it does not "
-        "match its config.json; re-export the checkpoint")
+        f"{source} lacks {len(missing)} weights ({', '.join(missing[:3])}"
+        f"{', ...' if len(missing) > 3 else ''}): a partial checkpoint; re-export or "
+        "re-download it")
   for path, name in table.items():
     if name not in state:
       continue
@@ -279,16 +291,23 @@ def copy_tokenizer(tokenizer_dir: pathlib.Path, out_dir: pathlib.Path) -> None:
     tokenizer.save(str(out_dir / "tokenizer.json"))
 
 
+EXPORT_MARK = "distil_jax_export.json"  # Says which run an export directory came from.
+
+
 def export_hf(config: models.ModelConfig, params: dict, out_dir: str | os.PathLike,
-              tokenizer_dir: str | os.PathLike | None = None) -> pathlib.Path:
+              tokenizer_dir: str | os.PathLike | None = None, *, source: str = "",
+              overwrite: bool = False) -> pathlib.Path:
   """Writes a HuggingFace directory: DistilBertForMaskedLM for a student, BertForMaskedLM for a
-  BERT. No torch needed. Refuses to overwrite a directory that holds a different model."""
+  BERT. No torch needed.
+
+  `out_dir` must be empty or absent, or hold an earlier export of the same `source` (the run's
+  workdir, recorded in the directory): anything else is refused unless `overwrite`.
+  """
   out = pathlib.Path(out_dir)
+  check_export_dir(out, source, overwrite)
   weights = out / "model.safetensors"
-  if weights.exists() and not (out / "config.json").exists():
-    raise errors.OutputExists(f"{out} holds model.safetensors without config.json: "
-                              "choose an empty output directory")
   out.mkdir(parents=True, exist_ok=True)
+  (out / EXPORT_MARK).write_text(json.dumps({"source": source}) + "\n")
   layout = "distilbert" if config.is_distilbert else "bert"
   safetensors.numpy.save_file(to_hf_state_dict(config, params, layout), str(weights),
                               metadata={"format": "pt"})
@@ -296,6 +315,18 @@ def export_hf(config: models.ModelConfig, params: dict, out_dir: str | os.PathLi
   if tokenizer_dir is not None:
     copy_tokenizer(pathlib.Path(tokenizer_dir), out)
   return out
+
+
+def check_export_dir(out: pathlib.Path, source: str, overwrite: bool = False) -> None:
+  """Refuses an output directory that holds anything but an earlier export of `source`."""
+  if overwrite or not out.exists() or not any(out.iterdir()):
+    return
+  mark = out / EXPORT_MARK
+  previous = json.loads(mark.read_text()).get("source") if mark.is_file() else None
+  if not source or previous != source:
+    what = f"an export of {previous}" if previous else "files that are not an export of this run"
+    raise errors.OutputExists(f"{out} holds {what}: choose an empty --out directory, or pass "
+                              "--overwrite to replace its model")
 
 
 def export_distilbert(student_config: models.ModelConfig, student_params: dict,

@@ -414,7 +414,8 @@ def _train(configs, workdirs, names, locks, allow_config_change) -> list[dict[st
       trained = multihost_utils.process_allgather(one_run(state, i)["params"]["student"],
                                                   tiled=True)
       if hosts.is_main():
-        out = hf.export_hf(model_config, trained, workdir / "export", tokenizer_dir)
+        out = hf.export_hf(model_config, trained, workdir / "export", tokenizer_dir,
+                           source=str(workdir))
         logging.info("Exported to %s.", out)
         if config.fill_mask:
           fill_mask(out, config.fill_mask)

@@ -240,14 +240,14 @@ def test_corrupt_checkpoint_is_reported_and_kept(tmp_path, damage):
         path.unlink()
   files_before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
   with checkpoint.Checkpointer(tmp_path, save_every_steps=10, keep_last=5) as ckpt:
-    with pytest.raises(checkpoint.CheckpointError) as error:
+    with pytest.raises(checkpoint.CorruptCheckpoint) as error:
       ckpt.restore(_abstract(state))
     restored, data = ckpt.restore(_abstract(state), step=10)
   message = str(error.value)
   assert "\n" not in message
   assert message.startswith(
       f"checkpoint step 20 in {tmp_path}/checkpoints is corrupt or incomplete (")
-  assert message.endswith(f"restore another step (available: [10, 20]) or move {step_dir} out of "
+  assert message.endswith(f"use another step (available: [10, 20]) or move {step_dir} out of "
                           "the way")
   assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == files_before
   _assert_bit_equal(restored, state)

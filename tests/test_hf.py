@@ -1,6 +1,7 @@
 """Loading HuggingFace checkpoints and exporting students, checked by transformers in PyTorch."""
 
 import json
+import os
 import shutil
 
 import jax
@@ -11,7 +12,7 @@ import tokenizers
 import torch
 import transformers
 
-from distil_jax import hf, models, resources, student
+from distil_jax import errors, hf, models, resources, student
 from distil_jax.testing import save_random_bert
 
 SENTENCES = ["The quick brown fox jumps over the lazy dog.",
@@ -170,13 +171,35 @@ def test_export_refuses_a_teacher_as_distilbert(bert_dir, tmp_path):
     hf.export_distilbert(config, params, tmp_path / "out")
 
 
-def test_checkpoint_missing_encoder_weights_is_refused(bert_dir, tmp_path):
+@pytest.mark.parametrize("name", ["bert.encoder.layer.2.output.dense.weight",
+                                  "cls.predictions.transform.dense.bias"])
+def test_checkpoint_missing_a_weight_is_refused(bert_dir, tmp_path, name):
+  """Only a checkpoint without any MLM-head weight is an encoder checkpoint (fresh head)."""
   out = _bad_checkpoint(bert_dir, tmp_path)
   state = safetensors.numpy.load_file(out / "model.safetensors")
-  del state["bert.encoder.layer.2.output.dense.weight"]
+  del state[name]
   safetensors.numpy.save_file(state, out / "model.safetensors")
-  with pytest.raises(ValueError, match="lacks 1 weights, e.g. bert.encoder.layer.2.output.dense"):
+  with pytest.raises(errors.UserError, match=rf"lacks 1 weights \({name}\): a partial checkpoint"):
     hf.load_bert(out)
+
+
+def test_a_pickle_that_runs_code_is_refused(bert_dir, tmp_path):
+  """A legacy pytorch_model.bin is read with weights_only=True: code in it never runs."""
+  import pickle
+
+  out = _bad_checkpoint(bert_dir, tmp_path)
+  (out / "model.safetensors").unlink()
+  marker = tmp_path / "ran"
+
+  class Payload:
+    def __reduce__(self):
+      return (os.system, (f"touch {marker}",))
+
+  with open(out / "pytorch_model.bin", "wb") as f:
+    pickle.dump({"bert.embeddings.word_embeddings.weight": Payload()}, f)
+  with pytest.raises(errors.UserError, match="was refused: it is not a plain tensor checkpoint"):
+    hf.load_bert(out)
+  assert not marker.exists()
 
 
 def test_random_bert_helper_builds_what_it_says(tmp_path):
