@@ -38,10 +38,11 @@ def _colors(n: int) -> list:
   return list(colormaps["tab10" if n <= 10 else "tab20"].colors)
 
 
-def _axes(width: float, height: float):
+def _figure(width: float, height: float) -> Figure:
+  """A figure drawn by the Agg backend, `width` x `height` inches at 120 dpi."""
   figure = Figure(figsize=(width, height), dpi=120, layout="constrained")
   FigureCanvasAgg(figure)
-  return figure, figure.subplots()
+  return figure
 
 
 def _teacher_line(axes, teacher: float | None, vertical: bool = False) -> None:
@@ -71,7 +72,8 @@ def accuracy_vs_temperature(groups: dict[tuple, list[Point]], teacher: float | N
     other = tuple(item for item in items if item[0] != TEMPERATURE)
     lines.setdefault(other, {})[dict(items)[TEMPERATURE]] = [percent(p) for p in points]
   ticks = sorted({t for by_t in lines.values() for t in by_t})
-  figure, axes = _axes(8, 4.5)
+  figure = _figure(8, 4.5)
+  axes = figure.subplots()
   if ticks[0] > 0 and ticks[-1] / ticks[0] >= 4:  # Such as 1, 2, 4, 8.
     axes.set_xscale("log", base=2)
   for i, ((other, by_t), color) in enumerate(zip(lines.items(), _colors(len(lines)),
@@ -120,9 +122,7 @@ def learning_curves(points: Sequence[Point], keys: Sequence[str], path: pathlib.
   color = dict(zip(series, palette, strict=False))
   columns = min(3, len(panels))
   rows = -(-len(panels) // columns)
-  figure = Figure(figsize=(max(8, 3.4 * columns + 1.8), max(4.5, 3 * rows + 1)), dpi=120,
-                  layout="constrained")
-  FigureCanvasAgg(figure)
+  figure = _figure(max(8, 3.4 * columns + 1.8), max(4.5, 3 * rows + 1))
   grid = figure.subplots(rows, columns, sharex=True, sharey=True, squeeze=False).flat
   for axes, panel in zip(grid, panels, strict=False):
     for point in evaluated:
@@ -152,7 +152,8 @@ def final_accuracy(groups: dict[tuple, list[Point]], teacher: float | None,
   """Horizontal bars: final student accuracy per setting, mean over seeds, min–max bars."""
   labels = [label(items) for items in groups]
   means, errors = _means([[percent(p) for p in points] for points in groups.values()])
-  figure, axes = _axes(8, max(3.5, 1.4 + 0.45 * len(labels)))
+  figure = _figure(8, max(3.5, 1.4 + 0.45 * len(labels)))
+  axes = figure.subplots()
   bars = axes.barh(range(len(labels)), means, xerr=errors, color=_colors(1)[0], capsize=3,
                    height=0.6)
   axes.bar_label(bars, fmt="%.2f%%", label_type="center", color="white", fontsize="small")
