@@ -13,12 +13,11 @@ the means and of the figures of final accuracy.
 import csv
 import json
 import pathlib
-import sys
 from collections.abc import Sequence
 
 from absl import app, flags
 
-from distil_jax import plots, results
+from distil_jax import cli, plots, results
 from distil_jax.results import METRICS, TEMPERATURE, Point
 
 _OUT = flags.DEFINE_string("out", None, "Output directory; default: the first argument.")
@@ -179,12 +178,8 @@ def write_report(paths: Sequence[str], out: str | pathlib.Path) -> list[pathlib.
 def main(argv: Sequence[str]) -> None:
   if len(argv) < 2:
     raise app.UsageError("pass a sweep workdir or one or more run workdirs")
-  try:
-    written = write_report(argv[1:], _OUT.value or argv[1])
-  except results.ReportError as e:
-    sys.exit(f"FATAL {e}")
-  print("\n".join(map(str, written)))
+  print("\n".join(map(str, write_report(argv[1:], _OUT.value or argv[1]))))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

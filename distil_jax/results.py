@@ -14,6 +14,8 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
+from distil_jax import errors
+
 # Final held-out metrics, in table order; the teacher's three and KL exist only in distill runs.
 METRICS = ("student_accuracy", "teacher_accuracy", "student_perplexity", "teacher_perplexity",
            "accuracy_ratio_pct", "agreement", "kl_t1")
@@ -21,7 +23,7 @@ SEED = "seed"
 TEMPERATURE = "distill.temperature"
 
 
-class ReportError(ValueError):
+class ReportError(errors.UserError, ValueError):
   """A workdir that cannot be read; the one-line message names the file and the fix."""
 
 
