@@ -26,6 +26,7 @@ Use in the train loop (a SIGTERM makes it save and exit cleanly)::
     ckpt.save(step, state, data_iter.get_state(), force=True)  # No-op if already saved.
 """
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -43,7 +44,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
-from distil_jax import errors, models
+from distil_jax import errors, hosts, models
 
 PyTree = Any
 
@@ -150,12 +151,29 @@ class Checkpointer:
     metrics = None
     if eval_loss is not None and math.isfinite(eval_loss):
       metrics = {_EVAL_LOSS: float(eval_loss)}
-    return self._manager.save(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)),
-        metrics=metrics,
-        force=force)
+    with self._storage_errors():
+      return self._manager.save(
+          step,
+          args=ocp.args.Composite(
+              state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)),
+          metrics=metrics,
+          force=force)
+
+  def check(self) -> None:
+    """Raises `errors.StorageError` if an asynchronous save has failed (cheap: call it often)."""
+    with self._storage_errors():
+      self._manager.check_for_errors()
+
+  @contextlib.contextmanager
+  def _storage_errors(self):
+    try:
+      yield
+    except Exception as e:  # orbax re-raises a background write's failure as it came.
+      latest = self.latest_step()
+      raise errors.StorageError(
+          f"cannot write checkpoints to {self.directory} ({_first_line(e)}): fix the disk or "
+          f"bucket (space, permissions, path) and start again to resume from "
+          f"{f'step {latest}' if latest is not None else 'the start'}") from e
 
   def restore(self, abstract_state: PyTree,
               step: int | None = None) -> tuple[PyTree, dict[str, Any]]:
@@ -206,6 +224,17 @@ class Checkpointer:
       raise self._corrupt(step, "unreadable state metadata")
     return metadata.tree
 
+  def set_aside(self, step: int, reason: str) -> epath.Path:
+    """Moves step `step` out of the checkpoints (nothing is deleted) into
+    WORKDIR/set_aside/<step>-<reason>, so that the step can be saved again; returns where."""
+    target = self.directory.parent / "set_aside" / f"{step}-{reason}"
+    if hosts.is_main():
+      target.parent.mkdir(parents=True, exist_ok=True)
+      (self.directory / str(step)).rename(target)
+    hosts.barrier(f"set_aside_{step}")
+    self._manager.reload()
+    return target
+
   def restore_on_one_device(self, step: int | None = None) -> PyTree:
     """The state of `step` (default: the latest) on this host's first device, whatever mesh
     saved it: for exporting a model without rebuilding its optimizer or mesh."""
@@ -226,7 +255,8 @@ class Checkpointer:
 
   def wait(self) -> None:
     """Blocks until the pending asynchronous save is on disk."""
-    self._manager.wait_until_finished()
+    with self._storage_errors():
+      self._manager.wait_until_finished()
 
   def close(self) -> None:
     """Waits for the pending save and releases orbax's resources."""

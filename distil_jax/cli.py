@@ -1,6 +1,7 @@
 """What the commands share: flag parsing with one-line errors, logging, the multi-host runtime."""
 
 import logging as std_logging
+import os
 import re
 import sys
 
@@ -16,6 +17,9 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "host:port of process 0, with --distributed off TPU VMs.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes of the run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0 to n - 1.")
+RESUME_STEP = flags.DEFINE_integer(
+    "resume_step", None, "Resume from this checkpoint rather than the latest (a rewind: later "
+    "checkpoints are moved to WORKDIR/set_aside).")
 ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     "allow_config_change", False, "Resume a workdir although the config changes the run's "
     "trajectory (learning rate, steps, data, ...).")
@@ -56,6 +60,9 @@ def run(main) -> None:
   def guarded(argv):
     try:
       main(argv)
+    except errors.StorageError as e:
+      print(f"FATAL {e}", file=sys.stderr, flush=True)
+      os._exit(1)  # Not sys.exit: it would wait for orbax's threads to time out (minutes).
     except errors.UserError as e:
       sys.exit(f"FATAL {e}")
   app.run(guarded, flags_parser=parse_flags)

@@ -23,3 +23,8 @@ class OutputExists(UserError, FileExistsError):
 
 class Diverged(UserError, FloatingPointError):
   """Training met a non-finite loss, gradient or parameter; the last good state is saved."""
+
+
+class StorageError(UserError, OSError):
+  """The workdir's storage failed (a full disk, lost permissions, a bucket gone). The commands
+  end at once: orbax's background threads would otherwise wait out their timeouts."""

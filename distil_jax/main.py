@@ -32,7 +32,8 @@ def main(argv) -> None:
                            "--config=experiments/tiny.py); only a workdir that holds a run "
                            "resumes without it")
     config = train.saved_config(_WORKDIR.value)
-  train.run([config], [_WORKDIR.value], allow_config_change=cli.ALLOW_CONFIG_CHANGE.value)
+  train.run([config], [_WORKDIR.value], allow_config_change=cli.ALLOW_CONFIG_CHANGE.value,
+            resume_step=cli.RESUME_STEP.value)
 
 
 if __name__ == "__main__":

@@ -225,13 +225,14 @@ def _describe(c: models.ModelConfig) -> str:
 
 
 def run(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[epath.PathLike],
-        names: Sequence[str] | None = None, allow_config_change: bool = False
-        ) -> list[dict[str, float]]:
+        names: Sequence[str] | None = None, allow_config_change: bool = False,
+        resume_step: int | None = None) -> list[dict[str, float]]:
   """Trains the runs `configs` in `workdirs`; returns each run's final held-out metrics.
 
   Several runs must agree on everything but `FUSABLE_KEYS`; they are trained together, the
   teacher's forward computed once per batch for all of them. `names` label their log lines.
-  Each workdir is locked while the run trains in it.
+  Each workdir is locked while the run trains in it. A run resumes from its latest checkpoint
+  that reads back, or from `resume_step` (later checkpoints are set aside: a rewind).
   """
   if len({fusion_key(c) for c in configs}) > 1:
     raise errors.ConfigError(
@@ -246,7 +247,7 @@ def run(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[epath.P
     hosts.decide(acquire)
     _check_shared(locks[0])
     return _train(configs, workdirs, list(names) if names else [""] * len(configs), locks,
-                  allow_config_change)
+                  allow_config_change, resume_step)
   finally:
     if hosts.is_main():
       for lock in locks:
@@ -265,7 +266,8 @@ def _check_shared(lock: checkpoint.WorkdirLock) -> None:
         "all hosts share (gs://BUCKET/... or a shared file system)")
 
 
-def _train(configs, workdirs, names, locks, allow_config_change) -> list[dict[str, float]]:
+def _train(configs, workdirs, names, locks, allow_config_change, resume_step
+           ) -> list[dict[str, float]]:
   # ---------------------------------------------------------------- Config and workdirs.
   config, num_runs = configs[0], len(configs)
   for c, workdir in zip(configs, workdirs, strict=True):
@@ -332,7 +334,7 @@ def _train(configs, workdirs, names, locks, allow_config_change) -> list[dict[st
   # ---------------------------------------------------------------- Resume.
   ckpts = [checkpoint.Checkpointer(w, save_every_steps=config.checkpoint_every_steps,
                                    keep_last=config.keep_checkpoints) for w in workdirs]
-  first_step, restored = _restore(ckpts, state, one_run, num_runs)
+  first_step, restored = _restore(ckpts, state, one_run, num_runs, resume_step)
   if first_step > config.total_steps:
     raise checkpoint.CheckpointError(
         f"{workdirs[0]} has a checkpoint at step {first_step}, past total_steps="
@@ -363,6 +365,8 @@ def _train(configs, workdirs, names, locks, allow_config_change) -> list[dict[st
       batch = data.global_batch(next(datasets.train), batch_sharding)
       state, train_metrics = train_step(state, teacher, batch, run_hyper)
       tokens = tokens + train_metrics["tokens"]  # Stays on device until the next log.
+      for ckpt in ckpts:
+        ckpt.check()  # A failed asynchronous save stops the run now.
       # Read every step (a few bytes): a non-finite update was not applied; say which part.
       finite = np.asarray(jax.device_get(train_metrics["finite"])).reshape(-1)
       if not finite.all():
@@ -423,18 +427,28 @@ def _train(configs, workdirs, names, locks, allow_config_change) -> list[dict[st
   return eval_metrics
 
 
-def _restore(ckpts: Sequence[checkpoint.Checkpointer], state, one_run, num_runs: int):
+def _restore(ckpts: Sequence[checkpoint.Checkpointer], state, one_run, num_runs: int,
+             resume_step: int | None):
   """(step, [(state, data state) per run]) of the latest step that every run saved and every
-  process reads back; a corrupt or partial step is skipped with a warning. (0, None) for none."""
+  process reads back, or of `resume_step`; (0, None) for none.
+
+  A corrupt or partial step is skipped with a warning. Steps after the one resumed from (corrupt,
+  rewound to `resume_step`, or saved by some runs only) are set aside, not deleted, so that the
+  run saves them again."""
   steps = hosts.decide(lambda: sorted(set.intersection(*(set(c.all_steps()) for c in ckpts)),
                                       reverse=True))
-  if not steps:
-    return 0, None
+  if resume_step is not None:
+    if resume_step not in steps:
+      raise checkpoint.CheckpointError(
+          f"--resume_step={resume_step} is not a checkpoint of {ckpts[0].directory} (every "
+          f"run has steps {sorted(steps)}): pick one of them")
+    steps = [resume_step]
   shardings = jax.tree.map(lambda x: x.sharding, state)
   abstract = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
       jax.eval_shape(one_run, state, 0),
       shardings if num_runs == 1 else points.one_point_shardings(shardings))
+  resumed = None
   for step_index in steps:
     try:
       restored, ok = [c.restore(abstract, step_index) for c in ckpts], True
@@ -442,10 +456,19 @@ def _restore(ckpts: Sequence[checkpoint.Checkpointer], state, one_run, num_runs:
       logging.warning("%s: resuming from the previous checkpoint instead.", e)
       ok = False
     if hosts.all_true(ok):
-      return step_index, restored
-  raise checkpoint.CheckpointError(
-      f"no checkpoint of {ckpts[0].directory} can be read back (steps {steps}): move them out "
-      "of the way to start afresh, or use a new --workdir")
+      resumed = (step_index, restored)
+      break
+  if steps and resumed is None:
+    raise checkpoint.CheckpointError(
+        f"no checkpoint of {ckpts[0].directory} can be read back (steps {steps}): move them out "
+        "of the way to start afresh, or use a new --workdir")
+  first_step = resumed[0] if resumed else 0
+  for ckpt in ckpts:
+    for later in hosts.decide(lambda ckpt=ckpt: [s for s in ckpt.all_steps() if s > first_step]):
+      where = ckpt.set_aside(later, f"after-{first_step}")
+      logging.warning("Set checkpoint %d aside in %s: the run resumes from step %d.", later,
+                      where, first_step)
+  return resumed or (0, None)
 
 
 def _nonfinite(config, step_index: int, train_metrics, finite: np.ndarray,
@@ -463,8 +486,9 @@ def _nonfinite(config, step_index: int, train_metrics, finite: np.ndarray,
     what = (f"{names[i] + ': ' if names[i] else ''}step {step_index} is not finite "
             f"({', '.join(parts)}); its update was not applied")
     if config.on_nonfinite == "stop":
-      return (f"{what}; saved the last good state as checkpoint {step_index}: lower "
-              "optim.lr_peak (and resume with --allow_config_change) or check the data")
+      return (f"{what}; saved the last finite state as checkpoint {step_index}: lower "
+              "optim.lr_peak and rewind to an earlier checkpoint (--resume_step=N "
+              "--allow_config_change) or start a new --workdir")
     if config.on_nonfinite != "skip":
       raise errors.ConfigError(f"config.on_nonfinite={config.on_nonfinite!r} is unknown: use "
                                "'stop' or 'skip'")
