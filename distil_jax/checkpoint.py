@@ -308,6 +308,14 @@ class PreemptionWatcher:
     self.close()
 
 
+def saved_steps(workdir: epath.PathLike) -> list[int]:
+  """The steps of the checkpoint directories in `workdir` (without opening them), ascending."""
+  directory = epath.Path(workdir) / "checkpoints"
+  if not directory.exists():
+    return []
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
 class WorkdirLock:
   """WORKDIR/lock.json, held by the run that trains in the workdir (taken by process 0).
 

@@ -192,7 +192,13 @@ def config_changes(saved: dict[str, Any], config: ml_collections.ConfigDict) -> 
 
 def check_workdir(config: ml_collections.ConfigDict, workdir: epath.Path,
                   allow_config_change: bool) -> None:
-  """Refuses to resume a run in `workdir` with a config that changes its trajectory."""
+  """Refuses to resume a run in `workdir` with a config that changes its trajectory, or whose
+  total_steps its checkpoints have passed."""
+  latest = max(checkpoint.saved_steps(workdir), default=0)
+  if latest > config.total_steps:
+    raise checkpoint.CheckpointError(
+        f"{workdir} has a checkpoint at step {latest}, past total_steps={config.total_steps}: "
+        "export it with distil_jax.export, or use a new --workdir")
   if not (workdir / "config.json").exists():
     return
   changes = config_changes(checkpoint.read_config(workdir), config)
@@ -279,9 +285,6 @@ def _train(configs, workdirs, names, locks, allow_config_change, resume_step
   model_config, params, teacher_config, teacher_params = load_models(configs, teacher_dir)
   for workdir in workdirs:
     hosts.decide(lambda workdir=workdir: check_model(workdir, model_config))
-  for c, workdir in zip(configs, workdirs, strict=True):  # Valid: now the workdir is written.
-    checkpoint.write_config(workdir, c.to_dict())
-    checkpoint.write_model(workdir, model_config, tokenizer_dir)
   logging.info("Training %s%s: %s parameters each (teacher: %s).",
                "a student" if teacher_config else "the teacher on MLM",
                f" x {num_runs} runs fused" if num_runs > 1 else "",
@@ -331,14 +334,14 @@ def _train(configs, workdirs, names, locks, allow_config_change, resume_step
                                          config.data.max_len)
   one_run = (lambda tree, i: tree) if num_runs == 1 else points.take
 
+  for c, workdir in zip(configs, workdirs, strict=True):  # Valid: now the workdir is written.
+    checkpoint.write_config(workdir, c.to_dict())
+    checkpoint.write_model(workdir, model_config, tokenizer_dir)
+
   # ---------------------------------------------------------------- Resume.
   ckpts = [checkpoint.Checkpointer(w, save_every_steps=config.checkpoint_every_steps,
                                    keep_last=config.keep_checkpoints) for w in workdirs]
   first_step, restored = _restore(ckpts, state, one_run, num_runs, resume_step)
-  if first_step > config.total_steps:
-    raise checkpoint.CheckpointError(
-        f"{workdirs[0]} has a checkpoint at step {first_step}, past total_steps="
-        f"{config.total_steps}: export it with distil_jax.export, or use a new --workdir")
   if restored:
     states = [s for s, _ in restored]
     state = states[0] if num_runs == 1 else points.put_back(

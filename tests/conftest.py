@@ -5,9 +5,16 @@ import pathlib
 import pytest
 
 from distil_jax.testing import save_random_bert
+from tests import runs
 
 
 @pytest.fixture(scope="session")
 def bert_dir(tmp_path_factory) -> pathlib.Path:
   """A random 4-layer BERT with MiniLM's tokenizer files."""
   return save_random_bert(tmp_path_factory.mktemp("bert"))
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> pathlib.Path:
+  """400 real Wikipedia lead sections, one per line (its data cache beside it)."""
+  return runs.corpus_file(tmp_path_factory.mktemp("corpus"))

@@ -2,51 +2,25 @@
 grids before any compute."""
 
 import json
-import os
-import pathlib
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 import safetensors.numpy
 
-from distil_jax import resources
+from tests import runs
 
-ROOT = pathlib.Path(__file__).parent.parent
 POINTS = ["T1_ce0.5_seed0", "T1_ce5_seed1", "T4_ce0.5_seed2", "T4_ce5_seed3"]
+SWEEP_CONFIG = "tests/configs/sweep_points.py"
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> pathlib.Path:
-  records = json.loads(resources.wiki_offline_json().read_text())
-  path = tmp_path_factory.mktemp("corpus") / "wiki.txt"
-  path.write_text("\n".join(r["extract"].replace("\n", " ")
-                            for r in list(records.values())[:400]) + "\n")
-  return path
+def _start(workdir, bert_dir, corpus, *flags):
+  return runs.start("sweep", workdir, bert_dir, corpus, *flags, config_path=SWEEP_CONFIG)
 
 
-def _start(workdir, bert_dir, corpus, *flags, config="tests/configs/sweep_points.py"):
-  command = [sys.executable, "-m", "distil_jax.sweep", f"--config={config}",
-             f"--workdir={workdir}", f"--config.teacher={bert_dir}",
-             f"--config.data.sources=('text:{corpus}',)",
-             f"--config.data.data_dir={corpus.parent / 'data'}", *flags]
-  return subprocess.Popen(command, cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"},
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _run(*args, **kwargs) -> str:
-  process = _start(*args, **kwargs)
-  output, _ = process.communicate(timeout=600)
-  assert process.returncode == 0, output[-3000:]
-  return output
-
-
-def _train_losses(workdir) -> dict[int, float]:
-  rows = map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())
-  return {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
+def _run(*args) -> str:
+  return runs.finish(_start(*args))[0]
 
 
 @pytest.fixture(scope="module")
@@ -78,17 +52,17 @@ def test_fused_sweep_resumed_after_sigterm_equals_separate_runs(tmp_path, bert_d
     config = json.loads((fused / "config.json").read_text())
     assert config["distill"]["alpha_ce"] == spec["overrides"]["distill.alpha_ce"]
     assert config["seed"] == spec["overrides"]["seed"]
-    expected = _train_losses(alone)
-    assert sorted(_train_losses(fused)) == sorted(expected) == list(range(1, 11))
+    expected = runs.train_losses(alone)
+    assert sorted(runs.train_losses(fused)) == sorted(expected) == list(range(1, 11))
     # fp32, the same operations in the same order: only XLA's vmapped kernels differ.
-    np.testing.assert_allclose([_train_losses(fused)[s] for s in expected],
+    np.testing.assert_allclose([runs.train_losses(fused)[s] for s in expected],
                                list(expected.values()), rtol=1e-5, err_msg=point)
     weights = safetensors.numpy.load_file(fused / "export" / "model.safetensors")
     for name, value in safetensors.numpy.load_file(
         alone / "export" / "model.safetensors").items():
       np.testing.assert_allclose(weights[name], value, atol=1e-6, err_msg=f"{point} {name}")
   # The points really differ (temperature, weights, dropout seed).
-  finals = [_train_losses(tmp_path / p)[10] for p in POINTS]
+  finals = [runs.train_losses(tmp_path / p)[10] for p in POINTS]
   assert len(set(finals)) == 4
 
   output = _run(tmp_path, bert_dir, corpus)

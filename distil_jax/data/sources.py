@@ -24,6 +24,7 @@ from distil_jax import errors, resources
 from distil_jax.data import files
 
 _DEFAULT_FIELD = "text"
+MAX_LINE_BYTES = 10_000_000  # A longer line is refused: a document is a line, not a file.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +152,10 @@ def _read_lines(path: epath.Path, field: str) -> Iterator[tuple[int, str]]:
   del field  # A line is a document.
   with path.open("rb") as f:
     for line_number, raw in enumerate(f, 1):
+      if len(raw) > MAX_LINE_BYTES:
+        raise errors.ConfigError(
+            f"{path}:{line_number} is {len(raw) / 1e6:.0f} MB on one line, over "
+            f"{MAX_LINE_BYTES / 1e6:.0f} MB: split the document into lines (a paragraph each)")
       text = _decode(raw, f"{path}:{line_number}").strip()
       if text:
         yield line_number, text
