@@ -310,7 +310,7 @@ def eval_step(params: PyTree, teacher_params: PyTree | None, batch: PyTree, *,
 def summarize_eval(sums: dict[str, float]) -> dict[str, float]:
   """Eval sums accumulated over batches -> accuracy, perplexity, agreement and KL."""
   n = max(float(sums["count"]), 1.0)
-  out = {"eval_loss": sums["student_nll"] / n,
+  out = {"eval_loss": sums["student_nll"] / n, "positions": float(sums["count"]),
          "student_accuracy": sums["student_correct"] / n,
          "student_perplexity": math.exp(min(sums["student_nll"] / n, 50.0))}
   if "teacher_nll" in sums:

@@ -7,7 +7,7 @@ from distil_jax.data.masking import (
     mask_tokens,
     smoothed_token_weights,
 )
-from distil_jax.data.pipeline import Datasets, global_batch, make_datasets
+from distil_jax.data.pipeline import Datasets, global_batch, make_datasets, make_eval_batches
 from distil_jax.data.sequences import Sequences, make_sequences, split_by_length
 from distil_jax.data.sources import Documents, TextCorpus, open_documents
 from distil_jax.data.tokens import SpecialIds, TokenIds, load_tokenizer, special_ids, tokenize
@@ -25,6 +25,7 @@ __all__ = [
     "label_log_prior",
     "load_tokenizer",
     "make_datasets",
+    "make_eval_batches",
     "make_sequences",
     "mask_tokens",
     "open_documents",

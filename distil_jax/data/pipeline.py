@@ -15,7 +15,7 @@ that every run and seed is evaluated on the same positions.
 import functools
 import itertools
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import grain
@@ -30,7 +30,13 @@ from distil_jax.data import files
 from distil_jax.data.masking import mask_tokens, smoothed_token_weights
 from distil_jax.data.sequences import Sequences, make_sequences, split_by_length
 from distil_jax.data.sources import open_documents
-from distil_jax.data.tokens import TokenIds, load_tokenizer, special_ids, tokenize
+from distil_jax.data.tokens import (
+    SpecialIds,
+    TokenIds,
+    load_tokenizer,
+    special_ids,
+    tokenize,
+)
 
 Batch = dict[str, np.ndarray]
 _TRAIN_MASKS, _EVAL_MASKS = 0, 1  # Independent random streams for masking.
@@ -57,37 +63,40 @@ def make_datasets(config: ml_collections.ConfigDict, tokenizer_dir: str | os.Pat
   tokenizer = load_tokenizer(tokenizer_dir, vocab_size)
   special = special_ids(tokenizer)
   train_ids, eval_ids = _token_ids(config, tokenizer)
-  cut = functools.partial(make_sequences, max_len=config.max_len, min_len=config.min_len,
-                          pack=config.pack, cls_id=special.cls, sep_id=special.sep)
-  train, eval_sequences = cut(train_ids), cut(eval_ids)
+  train = _cut(train_ids, config, special)
   if not len(train):
     raise errors.ConfigError(f"no train sequence of at least min_len={config.min_len} tokens: add "
                              "documents or lower config.data.min_len")
   rows = _rows(config.batch_size)
-  logging.info("%d train sequences (%d tokens), %d eval sequences; process %d of %d reads rows "
-               "%d to %d of each batch.", len(train), train.lengths.sum(), len(eval_sequences),
+  eval_batches = _standard_eval(eval_ids, config, special, vocab_size)
+  logging.info("%d train sequences (%d tokens), %d eval batches; process %d of %d reads rows "
+               "%d to %d of each batch.", len(train), train.lengths.sum(), len(eval_batches),
                process_index, process_count, rows[0], rows[-1])
-
-  masked = functools.partial(_masked, vocab_size=vocab_size, special_ids=special,
-                             mask_id=special.mask, mask_prob=config.mask_prob)
   train_masked = functools.partial(
-      masked, rng_seed=_stream_seed(config.seed, _TRAIN_MASKS),
+      _masked, vocab_size=vocab_size, special_ids=special, mask_id=special.mask,
+      mask_prob=config.mask_prob, rng_seed=_stream_seed(config.seed, _TRAIN_MASKS),
       mask_token_frac=config.mask_token_frac, random_token_frac=config.random_token_frac,
       token_weights=smoothed_token_weights(train_ids.counts, config.mlm_smoothing))
   train_batches = _train_batches(split_by_length(train, bucket_lengths), bucket_lengths,
                                  config.batch_size, config.seed, special.pad)
   read_options = grain.ReadOptions(num_threads=config.read_threads,
                                    prefetch_buffer_size=2 * config.read_threads)
-  eval_masked = functools.partial(masked, rng_seed=_stream_seed(_EVAL_MASKS),
-                                  mask_token_frac=1.0, random_token_frac=0.0)
-  eval_batch_size = config.eval_batch_size or config.batch_size
   return Datasets(
       train=iter(train_batches.map_with_index(train_masked).to_iter_dataset(read_options)),
-      eval=tuple(_eval_batches(eval_sequences, eval_batch_size, config.max_len, special.pad,
-                               eval_masked)),
+      eval=eval_batches,
       train_sequences=len(train),
       train_tokens=int(train.lengths.sum()),
       token_counts=train_ids.counts)
+
+
+def make_eval_batches(config: ml_collections.ConfigDict, tokenizer_dir: str | os.PathLike,
+                      vocab_size: int, all_documents: bool = False) -> tuple[Batch, ...]:
+  """This process's rows of the standard eval batches of `config` alone: of its held-out
+  documents (the eval batches of `make_datasets`), or of all its documents."""
+  _check(config, jax.process_count())
+  tokenizer = load_tokenizer(tokenizer_dir, vocab_size)
+  _, eval_ids = _token_ids(config, tokenizer, all_documents)
+  return _standard_eval(eval_ids, config, special_ids(tokenizer), vocab_size)
 
 
 def global_batch(local_batch: Batch, sharding: jax.sharding.NamedSharding) -> dict[str, jax.Array]:
@@ -112,12 +121,14 @@ def _check(config: ml_collections.ConfigDict, process_count: int) -> tuple[int, 
   return bucket_lengths
 
 
-def _token_ids(config: ml_collections.ConfigDict, tokenizer: tokenizers.Tokenizer
-               ) -> tuple[TokenIds, TokenIds]:
+def _token_ids(config: ml_collections.ConfigDict, tokenizer: tokenizers.Tokenizer,
+               all_eval: bool = False) -> tuple[TokenIds | None, TokenIds]:
   """Token ids of the train documents and of the eval documents (the first eval_examples ones,
-  split between the sources by their sizes)."""
+  split between the sources by their sizes); with `all_eval`, (None, ids of every document)."""
   data_dir = files.local_dir(config.data_dir)
   documents = [open_documents(source, data_dir, config.tfds_data_dir) for source in config.sources]
+  if all_eval:
+    return None, tokenize([(d, 0, len(d)) for d in documents], tokenizer, data_dir / "token_ids")
   sizes = np.array([len(d) for d in documents])
   if not 0 <= config.eval_examples < sizes.sum():
     raise errors.ConfigError(
@@ -150,18 +161,29 @@ def _train_batches(buckets: Sequence[Sequences], bucket_lengths: Sequence[int],
   return grain.MapDataset.mix(per_bucket, weights=[float(len(b)) for b in buckets if len(b)])
 
 
-def _eval_batches(sequences: Sequences, batch_size: int, max_len: int, pad_id: int,
-                  masked: Callable[[int, tuple[np.ndarray, ...]], Batch]) -> list[Batch]:
-  """This process's rows of the eval batches, in corpus order, the last completed with empty
-  rows."""
+def _cut(ids: TokenIds, config: ml_collections.ConfigDict, special: SpecialIds) -> Sequences:
+  return make_sequences(ids, max_len=config.max_len, min_len=config.min_len, pack=config.pack,
+                        cls_id=special.cls, sep_id=special.sep)
+
+
+def _standard_eval(ids: TokenIds, config: ml_collections.ConfigDict, special: SpecialIds,
+                   vocab_size: int) -> tuple[Batch, ...]:
+  """This process's rows of the eval batches of `ids`, in corpus order, the last completed
+  with empty rows, masked the standard way (module docstring)."""
+  sequences = _cut(ids, config, special)
+  batch_size, max_len = config.eval_batch_size or config.batch_size, config.max_len
   num_rows = -(-len(sequences) // batch_size) * batch_size
-  ids = np.full((num_rows, max_len), pad_id, np.int32)
+  padded = np.full((num_rows, max_len), special.pad, np.int32)
   lengths = np.zeros(num_rows, np.int32)
-  ids[:len(sequences)], lengths[:len(sequences)] = sequences.padded(
-      np.arange(len(sequences)), max_len, pad_id)
+  padded[:len(sequences)], lengths[:len(sequences)] = sequences.padded(
+      np.arange(len(sequences)), max_len, special.pad)
   rows = _rows(batch_size)
-  return [masked(step, (ids[start + rows], lengths[start + rows], rows))
-          for step, start in enumerate(range(0, num_rows, batch_size))]
+  masked = functools.partial(
+      _masked, vocab_size=vocab_size, special_ids=special, mask_id=special.mask,
+      mask_prob=config.mask_prob, rng_seed=_stream_seed(_EVAL_MASKS), mask_token_frac=1.0,
+      random_token_frac=0.0)
+  return tuple(masked(step, (padded[start + rows], lengths[start + rows], rows))
+               for step, start in enumerate(range(0, num_rows, batch_size)))
 
 
 def _masked(step: int, ids_lengths_rows: tuple[np.ndarray, np.ndarray, np.ndarray], *,

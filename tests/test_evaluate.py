@@ -1,0 +1,65 @@
+"""`distil_jax.evaluate` on a model whose predictions are known by hand."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from distil_jax import errors, evaluate, hf, models, resources
+from tests import runs
+
+P_THE, P_CAT = 0.5, 0.2
+
+
+@pytest.fixture(scope="module")
+def constant_model(tmp_path_factory):
+  """A BERT whose every weight is 0 but the MLM bias: at every position it predicts the same
+  distribution, p("the") = 0.5, p("cat") = 0.2, the rest spread evenly."""
+  config = models.ModelConfig(vocab_size=30522, hidden_size=16, num_layers=2, num_heads=2,
+                              intermediate_size=32, max_positions=128)
+  params = jax.tree.map(np.zeros_like, models.init_params(config))
+  vocab = (resources.minilm_dir() / "vocab.txt").read_text().splitlines()
+  the, cat = vocab.index("the"), vocab.index("cat")
+  probabilities = np.full(config.vocab_size, (1 - P_THE - P_CAT) / (config.vocab_size - 2))
+  probabilities[[the, cat]] = P_THE, P_CAT
+  params["mlm_head"]["bias"] = np.log(probabilities).astype(np.float32)
+  return hf.export_hf(config, params, tmp_path_factory.mktemp("constant"),
+                      resources.minilm_dir())
+
+
+@pytest.mark.parametrize("word, accuracy, perplexity", [
+    ("the", 1.0, 1 / P_THE), ("cat", 0.0, 1 / P_CAT)])
+def test_accuracy_and_perplexity_of_a_constant_model(constant_model, tmp_path, word, accuracy,
+                                                     perplexity):
+  (tmp_path / "text.txt").write_text("\n".join([" ".join([word] * 60)] * 40) + "\n")
+  config = evaluate.data_config(str(tmp_path / "*.txt"), data_dir=str(tmp_path / "data"))
+  metrics = evaluate.evaluate_models(str(constant_model), str(constant_model), config)
+  assert metrics["student_accuracy"] == accuracy
+  np.testing.assert_allclose(metrics["student_perplexity"], perplexity, rtol=1e-5)
+  # 40 documents of 60 words, packed into sequences of 126 tokens between [CLS] and [SEP].
+  assert metrics["positions"] == pytest.approx(0.15 * 40 * 61, abs=20)
+  assert metrics["agreement"] == 1.0 and abs(metrics["kl_t1"]) < 1e-6
+  if accuracy:
+    assert metrics["accuracy_ratio_pct"] == 100.0
+
+
+def test_the_command_on_a_workdir_and_its_errors(constant_model, tmp_path):
+  (tmp_path / "run" / "export").mkdir(parents=True)
+  for path in constant_model.iterdir():
+    (tmp_path / "run" / "export" / path.name).write_bytes(path.read_bytes())
+  (tmp_path / "text.txt").write_text(" ".join(["the"] * 100) + "\n")
+  command = [sys.executable, "-m", "distil_jax.evaluate", f"--model={tmp_path / 'run'}",
+             f"--text={tmp_path / 'text.txt'}", f"--data_dir={tmp_path / 'data'}",
+             f"--out={tmp_path / 'result.json'}"]
+  subprocess.run(command, cwd=runs.ROOT, check=True, capture_output=True, timeout=300)
+  result = json.loads((tmp_path / "result.json").read_text())
+  assert result["student_accuracy"] == 1.0 and result["text"] == str(tmp_path / "text.txt")
+  with pytest.raises(errors.UserError, match="has no MLM head"):
+    evaluate.load_mlm(str(resources.minilm_dir()))
+  (tmp_path / "run" / "checkpoints").mkdir()
+  (tmp_path / "run" / "export" / "config.json").unlink()
+  with pytest.raises(errors.UserError, match="is a workdir without an export"):
+    evaluate.load_mlm(str(tmp_path / "run"))
