@@ -1,7 +1,10 @@
-"""Shared fixtures: small random HuggingFace BERT checkpoints built locally (no downloads)."""
+"""Shared fixtures: small random HuggingFace BERT checkpoints built locally (no downloads), and a
+local GCS emulator."""
 
 import pathlib
+from collections.abc import Iterator
 
+import gcs_emulator
 import pytest
 
 from distil_jax.testing import save_random_bert
@@ -11,3 +14,10 @@ from distil_jax.testing import save_random_bert
 def bert_dir(tmp_path_factory) -> pathlib.Path:
   """A random 4-layer BERT with MiniLM's tokenizer files."""
   return save_random_bert(tmp_path_factory.mktemp("bert"))
+
+
+@pytest.fixture(scope="session")
+def gcs() -> Iterator[gcs_emulator.Emulator]:
+  """A local GCS emulator with one bucket: `.bucket` ("gs://NAME"), `.env` for subprocesses."""
+  with gcs_emulator.running("distil-jax-test") as emulator:
+    yield emulator
