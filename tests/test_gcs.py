@@ -100,8 +100,8 @@ def test_builtin_open_does_not_know_gs(checks):
       "'gs://distil-jax-test/builtin_open/plain.txt'")
 
 
-def _assert_restored(out: pathlib.Path, check: str) -> None:
-  restored, saved = np.load(out / f"{check}.npz"), checkpoint_state(3 if "orbax" in check else 2)
+def _assert_restored(out: pathlib.Path, check: str, step: int) -> None:
+  restored, saved = np.load(out / f"{check}.npz"), checkpoint_state(step)
   for key, want in {**saved["params"], "step": saved["step"]}.items():
     assert restored[key].dtype == want.dtype and restored[key].tobytes() == want.tobytes(), key
 
@@ -112,7 +112,7 @@ def test_orbax_keeps_two_steps_and_restores_bit_for_bit(checks, gcs, check):
   assert report[check]["value"] == {"steps": [2, 3], "step_dirs": ["2", "3"]}
   steps = {name.split("/")[1] for name in gcs.names(f"{check}/")}
   assert steps == {"2", "3"}
-  _assert_restored(out, check)
+  _assert_restored(out, check, step=3)
 
 
 def test_distil_jax_checkpointer(checks, gcs):
@@ -121,7 +121,7 @@ def test_distil_jax_checkpointer(checks, gcs):
       "latest_step": 2, "data_state": {"position": 20}}
   assert {name.split("/")[3] for name in gcs.names("distil_jax_checkpointer/run2/checkpoints/")
           } == {"2"}
-  _assert_restored(out, "distil_jax_checkpointer")
+  _assert_restored(out, "distil_jax_checkpointer", step=2)
 
 
 def test_checkpoint_deletions_leave_other_objects(checks, gcs):
