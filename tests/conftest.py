@@ -1,7 +1,10 @@
-"""Shared fixtures: small random HuggingFace BERT checkpoints built locally (no downloads)."""
+"""Shared fixtures: small random HuggingFace BERT checkpoints built locally (no downloads), and a
+local GCS emulator."""
 
 import pathlib
+from collections.abc import Iterator
 
+import gcs_emulator
 import pytest
 
 from distil_jax.testing import save_random_bert
@@ -18,3 +21,10 @@ def bert_dir(tmp_path_factory) -> pathlib.Path:
 def corpus(tmp_path_factory) -> pathlib.Path:
   """400 real Wikipedia lead sections, one per line (its data cache beside it)."""
   return runs.corpus_file(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="session")
+def gcs() -> Iterator[gcs_emulator.Emulator]:
+  """A local GCS emulator with one bucket: `.bucket` ("gs://NAME"), `.env` for subprocesses."""
+  with gcs_emulator.running("distil-jax-test") as emulator:
+    yield emulator
