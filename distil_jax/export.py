@@ -8,9 +8,8 @@ that reads back (a corrupt latest one is skipped with a warning). HF_DIR must be
 earlier export of the same run, unless --overwrite.
 """
 
-import pathlib
-
 from absl import app, flags, logging
+from etils import epath
 
 from distil_jax import checkpoint, cli, hf, storage
 
@@ -20,12 +19,12 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default: the latest
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace the model in a non-empty --out.")
 
 
-def export_checkpoint(workdir: str | pathlib.Path, out: str | pathlib.Path,
-                      step: int | None = None, overwrite: bool = False) -> pathlib.Path:
+def export_checkpoint(workdir: epath.PathLike, out: epath.PathLike, step: int | None = None,
+                      overwrite: bool = False) -> epath.Path:
   """Writes the model of `step` of the run in `workdir` to `out`; returns `out`."""
   config, tokenizer_dir = checkpoint.read_model(workdir)
   source = str(storage.absolute(workdir))
-  hf.check_export_dir(pathlib.Path(out), source, overwrite)  # Before the slow restore.
+  hf.check_export_dir(out, source, overwrite)  # Before the slow restore.
   with checkpoint.Checkpointer(workdir, save_every_steps=1, keep_last=1,
                                async_save=False) as ckpt:
     steps = [step] if step is not None else (ckpt.all_steps()[::-1] or [None])

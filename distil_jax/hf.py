@@ -2,24 +2,24 @@
 
 One name table maps our parameter paths to both HuggingFace layouts. Reading and writing use
 safetensors and numpy only; torch is needed only to read a legacy `pytorch_model.bin`.
+Directories may be local or gs:// (etils.epath).
 """
 
 import functools
 import json
 import os
-import pathlib
 import pickle
-import shutil
 
 import jax
 import numpy as np
 import safetensors
 import safetensors.numpy
 from absl import logging
+from etils import epath
 from flax import linen as nn
 from flax import traverse_util
 
-from distil_jax import errors, models
+from distil_jax import errors, models, storage
 
 _TOKENIZER_FILES = ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -81,9 +81,9 @@ def to_hf_state_dict(config: models.ModelConfig, params: dict, layout: str) -> d
           for path, name in _name_table(config, layout).items()}
 
 
-def read_config(directory: pathlib.Path) -> tuple[models.ModelConfig, str]:
-  path = directory / "config.json"
-  if not path.is_file():
+def read_config(directory: epath.PathLike) -> tuple[models.ModelConfig, str]:
+  path = epath.Path(directory) / "config.json"
+  if not path.exists():
     raise errors.MissingInput(
         f"{path} not found: a HuggingFace checkpoint directory needs config.json "
         "(save one with model.save_pretrained(DIR))")
@@ -126,25 +126,27 @@ def read_config(directory: pathlib.Path) -> tuple[models.ModelConfig, str]:
       "distil_jax loads only model_type 'bert' or 'distilbert'")
 
 
-def _read_weights(directory: pathlib.Path) -> dict[str, np.ndarray]:
+def _read_weights(directory: epath.Path) -> dict[str, np.ndarray]:
   shards = sorted(directory.glob("model*.safetensors"))
   if shards:
     state = {}
     for shard in shards:
       try:
-        state.update(safetensors.numpy.load_file(shard))
+        state.update(safetensors.numpy.load_file(shard) if not storage.is_remote(shard)
+                     else safetensors.numpy.load(shard.read_bytes()))
       except Exception as e:
         raise errors.ConfigError(f"{shard} is not a readable safetensors file ({e}): "
                                  "re-download or re-export the checkpoint") from e
     return state
   path = directory / "pytorch_model.bin"
-  if not path.is_file():
+  if not path.exists():
     raise errors.MissingInput(
         f"no model.safetensors or pytorch_model.bin in {directory}: "
         "point to a directory written by save_pretrained")
   import torch  # Only legacy checkpoints need torch.
   try:  # weights_only: a pickle that would run code, or build anything but tensors, is refused.
-    state = torch.load(path, weights_only=True)
+    with path.open("rb") as f:
+      state = torch.load(f, weights_only=True)
   except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
     raise errors.ConfigError(
         f"{path} was refused: it is not a plain tensor checkpoint ({_first_line(e)}); load "
@@ -203,17 +205,17 @@ def from_hf_state_dict(config: models.ModelConfig, state: dict, layout: str, *,
   return traverse_util.unflatten_dict(flat)
 
 
-def resolve(path_or_name: str | os.PathLike) -> pathlib.Path:
-  """A local directory as is; otherwise a HuggingFace hub name, downloaded (TPU VMs)."""
-  path = pathlib.Path(path_or_name).expanduser()
-  if path.is_dir():
+def resolve(path_or_name: str | os.PathLike) -> epath.Path:
+  """A local or gs:// directory as is; otherwise a HuggingFace hub name, downloaded (TPU VMs)."""
+  path = epath.Path(path_or_name).expanduser()
+  if path.is_dir() or (storage.is_remote(path) and (path / "config.json").exists()):
     return path
-  if path.exists() or str(path_or_name).startswith((".", "/", "~")):
+  if path.exists() or str(path_or_name).startswith((".", "/", "~", "gs://")):
     raise errors.MissingInput(f"{path_or_name} is not a checkpoint directory: pass a directory "
                               "holding config.json and model.safetensors, or a hub name")
   import huggingface_hub
   try:
-    return pathlib.Path(huggingface_hub.snapshot_download(
+    return epath.Path(huggingface_hub.snapshot_download(
         str(path_or_name), allow_patterns=["*.json", "*.safetensors", "vocab.txt"]))
   except Exception as e:
     raise errors.MissingInput(
@@ -226,7 +228,7 @@ def has_mlm_head(path_or_name: str | os.PathLike) -> bool:
   directory = resolve(path_or_name)
   config, layout = read_config(directory)
   shards = sorted(directory.glob("model*.safetensors"))
-  if shards:  # Only the names are needed, not the tensors.
+  if shards and not storage.is_remote(directory):  # Only the names are needed, not the tensors.
     names = {}
     for shard in shards:
       with safetensors.safe_open(shard, framework="np") as f:
@@ -275,20 +277,21 @@ def _hf_config(config: models.ModelConfig) -> dict:
           "tie_word_embeddings": True}
 
 
-def copy_tokenizer(tokenizer_dir: pathlib.Path, out_dir: pathlib.Path) -> None:
+def copy_tokenizer(tokenizer_dir: epath.PathLike, out_dir: epath.PathLike) -> None:
   """Copies the tokenizer files; tokenizer.json is re-saved with padding/truncation off."""
-  if not (tokenizer_dir / "vocab.txt").is_file():
+  tokenizer_dir, out_dir = epath.Path(tokenizer_dir), epath.Path(out_dir)
+  if not (tokenizer_dir / "vocab.txt").exists():
     raise errors.MissingInput(f"{tokenizer_dir / 'vocab.txt'} not found: pass the directory of "
                               "the teacher's tokenizer as tokenizer_dir")
   for name in _TOKENIZER_FILES:
-    if (tokenizer_dir / name).is_file():
-      shutil.copyfile(tokenizer_dir / name, out_dir / name)
-  if (tokenizer_dir / "tokenizer.json").is_file():
+    if (tokenizer_dir / name).exists():
+      (out_dir / name).write_bytes((tokenizer_dir / name).read_bytes())
+  if (tokenizer_dir / "tokenizer.json").exists():
     import tokenizers
-    tokenizer = tokenizers.Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    tokenizer = tokenizers.Tokenizer.from_str((tokenizer_dir / "tokenizer.json").read_text())
     tokenizer.no_padding()
     tokenizer.no_truncation()
-    tokenizer.save(str(out_dir / "tokenizer.json"))
+    (out_dir / "tokenizer.json").write_text(tokenizer.to_str())
 
 
 EXPORT_MARK = "distil_jax_export.json"  # Says which run an export directory came from.
@@ -296,33 +299,34 @@ EXPORT_MARK = "distil_jax_export.json"  # Says which run an export directory cam
 
 def export_hf(config: models.ModelConfig, params: dict, out_dir: str | os.PathLike,
               tokenizer_dir: str | os.PathLike | None = None, *, source: str = "",
-              overwrite: bool = False) -> pathlib.Path:
+              overwrite: bool = False) -> epath.Path:
   """Writes a HuggingFace directory: DistilBertForMaskedLM for a student, BertForMaskedLM for a
   BERT. No torch needed.
 
   `out_dir` must be empty or absent, or hold an earlier export of the same `source` (the run's
   workdir, recorded in the directory): anything else is refused unless `overwrite`.
   """
-  out = pathlib.Path(out_dir)
+  out = epath.Path(out_dir)
   check_export_dir(out, source, overwrite)
   weights = out / "model.safetensors"
   out.mkdir(parents=True, exist_ok=True)
   (out / EXPORT_MARK).write_text(json.dumps({"source": source}) + "\n")
   layout = "distilbert" if config.is_distilbert else "bert"
-  safetensors.numpy.save_file(to_hf_state_dict(config, params, layout), str(weights),
-                              metadata={"format": "pt"})
+  weights.write_bytes(safetensors.numpy.save(to_hf_state_dict(config, params, layout),
+                                             metadata={"format": "pt"}))
   (out / "config.json").write_text(json.dumps(_hf_config(config), indent=2) + "\n")
   if tokenizer_dir is not None:
-    copy_tokenizer(pathlib.Path(tokenizer_dir), out)
+    copy_tokenizer(tokenizer_dir, out)
   return out
 
 
-def check_export_dir(out: pathlib.Path, source: str, overwrite: bool = False) -> None:
+def check_export_dir(out: epath.PathLike, source: str, overwrite: bool = False) -> None:
   """Refuses an output directory that holds anything but an earlier export of `source`."""
+  out = epath.Path(out)
   if overwrite or not out.exists() or not any(out.iterdir()):
     return
   mark = out / EXPORT_MARK
-  previous = json.loads(mark.read_text()).get("source") if mark.is_file() else None
+  previous = json.loads(mark.read_text()).get("source") if mark.exists() else None
   if not source or previous != source:
     what = f"an export of {previous}" if previous else "files that are not an export of this run"
     raise errors.OutputExists(f"{out} holds {what}: choose an empty --out directory, or pass "
@@ -331,7 +335,7 @@ def check_export_dir(out: pathlib.Path, source: str, overwrite: bool = False) ->
 
 def export_distilbert(student_config: models.ModelConfig, student_params: dict,
                       out_dir: str | os.PathLike,
-                      tokenizer_dir: str | os.PathLike | None = None) -> pathlib.Path:
+                      tokenizer_dir: str | os.PathLike | None = None) -> epath.Path:
   """Exports a student as a HuggingFace DistilBertForMaskedLM directory."""
   if not student_config.is_distilbert:
     raise errors.ConfigError(

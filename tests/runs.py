@@ -36,15 +36,17 @@ def config(bert_dir: pathlib.Path, corpus: pathlib.Path, path: str = CONFIG,
   return result
 
 
-def start(module: str, workdir: pathlib.Path, bert_dir: pathlib.Path, corpus: pathlib.Path,
-          *flags: str, config_path: str = CONFIG, devices: int | None = None
-          ) -> subprocess.Popen:
-  """`python -m distil_jax.<module>` on the test config, as a user runs it."""
+def start(module: str, workdir: pathlib.Path | str, bert_dir: pathlib.Path | str,
+          corpus: pathlib.Path | str, *flags: str, config_path: str = CONFIG,
+          devices: int | None = None, env: dict[str, str] | None = None,
+          data_dir: pathlib.Path | None = None) -> subprocess.Popen:
+  """`python -m distil_jax.<module>` on the test config, as a user runs it (in `env`)."""
+  data_dir = data_dir or pathlib.Path(corpus).parent / "data"
   command = [sys.executable, "-m", f"distil_jax.{module}", f"--config={config_path}",
              f"--workdir={workdir}", f"--config.teacher={bert_dir}",
-             f"--config.data.sources=('text:{corpus}',)",
-             f"--config.data.data_dir={corpus.parent / 'data'}", *flags]
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+             f"--config.data.sources=('text:{corpus}',)", f"--config.data.data_dir={data_dir}",
+             *flags]
+  env = {**(env or os.environ), "JAX_PLATFORMS": "cpu"}
   if devices:
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
@@ -59,9 +61,12 @@ def finish(*processes: subprocess.Popen, returncode: int = 0) -> list[str]:
   return outputs
 
 
-def train_losses(workdir: pathlib.Path) -> dict[int, float]:
-  """The loss of every logged train step; a step logged twice fails the test."""
-  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+def train_losses(workdir: pathlib.Path | None = None, text: str | None = None
+                 ) -> dict[int, float]:
+  """The loss of every logged train step in `workdir`'s metrics.jsonl (or its `text`); a step
+  logged twice fails the test."""
+  text = (workdir / "metrics.jsonl").read_text() if text is None else text
+  rows = [json.loads(line) for line in text.splitlines()]
   steps = [r["step"] for r in rows if r["kind"] == "train"]
   assert len(steps) == len(set(steps)), "a step was logged twice"
   return {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}

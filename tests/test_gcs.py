@@ -6,16 +6,21 @@ tests read its report, and read the bucket over plain HTTP to confirm what it cl
 
 import json
 import pathlib
+import signal
 import struct
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 
 import numpy as np
 import pytest
+import safetensors.numpy
 from gcs_checks import checkpoint_state
 from tensorboardX.proto import event_pb2
+
+from tests import runs
 
 TESTS = pathlib.Path(__file__).parent
 
@@ -150,3 +155,42 @@ def test_tensorboardx_writes_events_to_gcs(checks, gcs):
 
 def test_text_source_reads_gcs_files(checks):
   assert checks[0]["text_source"]["value"] == ["first doc", "second doc", "third doc"]
+
+
+def test_a_run_on_gs_resumes_after_sigterm_and_exports(gcs, bert_dir, corpus, tmp_path):
+  """Teacher, text and workdir all on gs:// (the token cache stays local): train, SIGTERM,
+  resume, export, equal to the same run on local disks."""
+  for path in bert_dir.iterdir():
+    gcs.write(f"teacher/{path.name}", path.read_bytes())
+  gcs.write("text/wiki.txt", corpus.read_bytes())
+  flags = ["--config.total_steps=10", "--config.checkpoint_every_steps=2",
+           "--config.eval_every_steps=5"]
+  local = tmp_path / "local"
+  runs.finish(runs.start("main", local, bert_dir, corpus, *flags))
+
+  remote = (f"{gcs.bucket}/run", f"{gcs.bucket}/teacher", f"{gcs.bucket}/text/*.txt")
+  start = lambda: runs.start("main", *remote, *flags, env=gcs.env, data_dir=tmp_path / "cache")
+  process = start()
+  deadline = time.time() + 300
+  while not any(n.startswith("run/checkpoints/4/") for n in gcs.names("run/checkpoints/")):
+    assert process.poll() is None and time.time() < deadline, process.communicate()[0][-3000:]
+    time.sleep(0.2)
+  process.send_signal(signal.SIGTERM)
+  (output,) = runs.finish(process)
+  assert "Preempted: saved step" in output
+  (output,) = runs.finish(start())
+  assert "Resumed from step" in output and "Exported to gs://" in output
+
+  names = gcs.names("run/")
+  assert {"run/config.json", "run/model.json", "run/metrics.jsonl",
+          "run/export/model.safetensors", "run/export/config.json",
+          "run/export/tokenizer.json"} <= set(names)
+  assert any(n.startswith("run/tensorboard/events.out.tfevents") for n in names)
+  assert "run/lock.json" not in names
+  expected = runs.train_losses(local)
+  losses = runs.train_losses(text=gcs.read("run/metrics.jsonl").decode())
+  assert sorted(losses) == list(range(1, 11))
+  np.testing.assert_allclose([losses[s] for s in expected], list(expected.values()), rtol=1e-6)
+  weights = safetensors.numpy.load(gcs.read("run/export/model.safetensors"))
+  for name, value in safetensors.numpy.load_file(local / "export" / "model.safetensors").items():
+    np.testing.assert_allclose(weights[name], value, atol=1e-6, err_msg=name)

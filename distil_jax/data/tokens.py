@@ -13,6 +13,7 @@ from typing import NamedTuple
 import numpy as np
 import tokenizers
 from absl import logging
+from etils import epath
 
 from distil_jax import errors
 from distil_jax.data import files
@@ -46,11 +47,11 @@ def load_tokenizer(path: str | os.PathLike, vocab_size: int | None = None) -> to
   `tokenizer_config.json` says `do_lower_case: false`). With `vocab_size` (the teacher's), checks
   that the vocabulary has that size.
   """
-  directory = pathlib.Path(path)
+  directory = epath.Path(path)
   file = directory / "tokenizer.json"
-  if file.is_file():
-    tokenizer = tokenizers.Tokenizer.from_file(str(file))
-  elif (directory / "vocab.txt").is_file():
+  if file.exists():
+    tokenizer = tokenizers.Tokenizer.from_str(file.read_text())
+  elif (directory / "vocab.txt").exists():
     file = directory / "vocab.txt"
     tokenizer = _wordpiece_tokenizer(file, _lowercase(directory))
   else:
@@ -131,15 +132,16 @@ def _dtype(vocab_size: int) -> type[np.integer]:
   return np.uint16 if vocab_size <= 2**16 else np.int32
 
 
-def _lowercase(directory: pathlib.Path) -> bool:
+def _lowercase(directory: epath.Path) -> bool:
   config = directory / "tokenizer_config.json"
-  return json.loads(config.read_text()).get("do_lower_case", True) if config.is_file() else True
+  return json.loads(config.read_text()).get("do_lower_case", True) if config.exists() else True
 
 
-def _wordpiece_tokenizer(vocab_file: pathlib.Path, lowercase: bool) -> tokenizers.Tokenizer:
-  """A BERT tokenizer built from a vocabulary, as HF `BertTokenizerFast` builds it."""
-  tokenizer = tokenizers.Tokenizer(
-      tokenizers.models.WordPiece.from_file(str(vocab_file), unk_token="[UNK]"))
+def _wordpiece_tokenizer(vocab_file: epath.Path, lowercase: bool) -> tokenizers.Tokenizer:
+  """A BERT tokenizer built from a vocabulary (line i is token i), as HF `BertTokenizerFast`
+  builds it."""
+  vocab = {token: i for i, token in enumerate(vocab_file.read_text().splitlines())}
+  tokenizer = tokenizers.Tokenizer(tokenizers.models.WordPiece(vocab, unk_token="[UNK]"))
   tokenizer.normalizer = tokenizers.normalizers.BertNormalizer(lowercase=lowercase)
   tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.BertPreTokenizer()
   tokenizer.decoder = tokenizers.decoders.WordPiece()
