@@ -40,12 +40,14 @@ def start(module: str, workdir: pathlib.Path | str, bert_dir: pathlib.Path | str
           corpus: pathlib.Path | str, *flags: str, config_path: str = CONFIG,
           devices: int | None = None, env: dict[str, str] | None = None,
           data_dir: pathlib.Path | None = None) -> subprocess.Popen:
-  """`python -m distil_jax.<module>` on the test config, as a user runs it (in `env`)."""
+  """`python -m distil_jax.<module>` on the test config, as a user runs it (in `env`); with
+  `config_path` None, on the workdir alone (a run resumed with its saved config)."""
   data_dir = data_dir or pathlib.Path(corpus).parent / "data"
-  command = [sys.executable, "-m", f"distil_jax.{module}", f"--config={config_path}",
-             f"--workdir={workdir}", f"--config.teacher={bert_dir}",
-             f"--config.data.sources=('text:{corpus}',)", f"--config.data.data_dir={data_dir}",
-             *flags]
+  command = [sys.executable, "-m", f"distil_jax.{module}", f"--workdir={workdir}", *flags]
+  if config_path:
+    command[4:4] = [f"--config={config_path}", f"--config.teacher={bert_dir}",
+                    f"--config.data.sources=('text:{corpus}',)",
+                    f"--config.data.data_dir={data_dir}"]
   env = {**(env or os.environ), "JAX_PLATFORMS": "cpu"}
   if devices:
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"

@@ -180,6 +180,9 @@ def test_user_errors_print_one_line_without_a_traceback(tmp_path, bert_dir, corp
                           returncode=1)
   assert "Traceback" not in output
   assert output.strip().splitlines()[-1].startswith("FATAL no file matches '/nowhere/*.txt'")
+  (output,) = runs.finish(runs.start("main", tmp_path / "new", bert_dir, corpus,
+                                     config_path=None), returncode=1)
+  assert "Traceback" not in output and "--config is required to start a run" in output
 
 
 def test_kill_9_during_an_asynchronous_save_resumes_from_the_last_complete_one(
@@ -192,6 +195,7 @@ def test_kill_9_during_an_asynchronous_save_resumes_from_the_last_complete_one(
     time.sleep(0.002)
   process.send_signal(signal.SIGKILL)
   process.communicate()
-  runs.finish(runs.start("main", tmp_path, bert_dir, corpus, *flags))
+  # Resumed as a user would after a crash: the workdir alone, its saved config.
+  runs.finish(runs.start("main", tmp_path, bert_dir, corpus, config_path=None))
   np.testing.assert_allclose(list(runs.train_losses(tmp_path).values()),
                              list(runs.train_losses(finished).values()), rtol=1e-6)
