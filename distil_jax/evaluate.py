@@ -14,6 +14,7 @@ Wikipedia, packed into sequences of 128), which no experiment trains on. This is
 that training runs log.
 """
 
+import dataclasses
 import functools
 import json
 
@@ -33,6 +34,8 @@ _EVAL_EXAMPLES = flags.DEFINE_integer("eval_examples", 500, "Held-out documents 
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Sequences per batch.")
 _DATA_DIR = flags.DEFINE_string("data_dir", "~/.cache/distil_jax", "Token-id caches.")
 _OUT = flags.DEFINE_string("out", None, "Also write the metrics to this JSON file.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
+                           "Weights and compute of the models (softmax and norms stay float32).")
 
 
 def model_directory(name: str) -> epath.Path:
@@ -46,14 +49,16 @@ def model_directory(name: str) -> epath.Path:
   return epath.Path(hf.resolve(name))
 
 
-def load_mlm(name: str) -> tuple[models.ModelConfig, dict, epath.Path]:
-  """(config, params, directory) of an MLM checkpoint; an encoder without MLM head is refused."""
+def load_mlm(name: str, dtype: str = "float32") -> tuple[models.ModelConfig, dict, epath.Path]:
+  """(config, params, directory) of an MLM checkpoint, weights and compute in `dtype`; an encoder
+  without MLM head is refused."""
   directory = model_directory(name)
   if not hf.has_mlm_head(directory):
     raise errors.ConfigError(f"{directory} has no MLM head (an encoder checkpoint): evaluate a "
                              "masked-LM checkpoint, e.g. one adapted by experiments/teacher_mlm.py")
   config, params = hf.load_bert(directory)
-  return config, params, directory
+  config = dataclasses.replace(config, dtype=dtype, param_dtype=dtype)
+  return config, jax.tree.map(lambda x: x.astype(dtype), params), directory
 
 
 def data_config(text: str | None, **fields):
@@ -65,12 +70,13 @@ def data_config(text: str | None, **fields):
   return config
 
 
-def evaluate_models(model: str, teacher: str | None, config) -> dict[str, float]:
+def evaluate_models(model: str, teacher: str | None, config, dtype: str = "float32"
+                    ) -> dict[str, float]:
   """The metrics of `model` (and `teacher`) on the standard eval batches of data `config`."""
-  model_config, params, directory = load_mlm(model)
+  model_config, params, directory = load_mlm(model, dtype)
   teacher_config = teacher_params = None
   if teacher:
-    teacher_config, teacher_params, _ = load_mlm(teacher)
+    teacher_config, teacher_params, _ = load_mlm(teacher, dtype)
     if teacher_config.vocab_size != model_config.vocab_size:
       raise errors.ConfigError(
           f"the teacher's vocabulary ({teacher_config.vocab_size}) differs from the model's "
@@ -103,8 +109,8 @@ def main(argv) -> None:
   config = data_config(_TEXT.value, max_len=_MAX_LEN.value, pack=_PACK.value,
                        eval_examples=_EVAL_EXAMPLES.value, batch_size=_BATCH_SIZE.value,
                        data_dir=_DATA_DIR.value)
-  metrics = evaluate_models(_MODEL.value, _TEACHER.value, config)
-  result = {"model": _MODEL.value, "teacher": _TEACHER.value,
+  metrics = evaluate_models(_MODEL.value, _TEACHER.value, config, _DTYPE.value)
+  result = {"model": _MODEL.value, "teacher": _TEACHER.value, "dtype": _DTYPE.value,
             "text": _TEXT.value or f"wiki_offline, first {_EVAL_EXAMPLES.value} documents",
             "max_len": config.max_len, "pack": config.pack, **metrics}
   logging.info("%s", " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))

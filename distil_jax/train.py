@@ -147,11 +147,19 @@ def hyper(config: ml_collections.ConfigDict, lr_peak: float) -> step.Hyper:
                     jnp.int32(config.seed))
 
 
-def optimizer(config: ml_collections.ConfigDict):
+def total_steps(config: ml_collections.ConfigDict, train_sequences: int) -> int:
+  """config.total_steps, or with config.epochs, the updates that make that many passes over
+  the `train_sequences` (rounded up)."""
+  if config.epochs:
+    return math.ceil(config.epochs * train_sequences / config.data.batch_size)
+  return config.total_steps
+
+
+def optimizer(config: ml_collections.ConfigDict, steps: int):
   o = config.optim
   return step.make_optimizer(
-      total_steps=config.total_steps, lr_peak=o.lr_peak,
-      warmup_steps=math.ceil(o.warmup_frac * config.total_steps), b1=o.b1, b2=o.b2, eps=o.eps,
+      total_steps=steps, lr_peak=o.lr_peak,
+      warmup_steps=math.ceil(o.warmup_frac * steps), b1=o.b1, b2=o.b2, eps=o.eps,
       weight_decay=o.weight_decay, clip_norm=o.clip_norm, frozen=o.frozen,
       lr_multipliers=o.lr_multipliers)
 
@@ -192,13 +200,7 @@ def config_changes(saved: dict[str, Any], config: ml_collections.ConfigDict) -> 
 
 def check_workdir(config: ml_collections.ConfigDict, workdir: epath.Path,
                   allow_config_change: bool) -> None:
-  """Refuses to resume a run in `workdir` with a config that changes its trajectory, or whose
-  total_steps its checkpoints have passed."""
-  latest = max(checkpoint.saved_steps(workdir), default=0)
-  if latest > config.total_steps:
-    raise checkpoint.CheckpointError(
-        f"{workdir} has a checkpoint at step {latest}, past total_steps={config.total_steps}: "
-        "export it with distil_jax.export, or use a new --workdir")
+  """Refuses to resume a run in `workdir` with a config that changes its trajectory."""
   if not (workdir / "config.json").exists():
     return
   changes = config_changes(checkpoint.read_config(workdir), config)
@@ -295,6 +297,16 @@ def _train(configs, workdirs, names, locks, allow_config_change, resume_step
   peak_flops = perf.peak_flops_per_device()  # Measured on CPU: before the loader's threads run.
   datasets = data.make_datasets(config.data, tokenizer_dir, model_config.vocab_size)
   eval_batches = datasets.eval[:config.eval_batches or None]
+  steps = total_steps(config, datasets.train_sequences)
+  if config.epochs:
+    logging.info("%g epochs of %d sequences: %d steps.", config.epochs,
+                 datasets.train_sequences, steps)
+  for workdir in workdirs:
+    latest = hosts.decide(lambda workdir=workdir: max(checkpoint.saved_steps(workdir), default=0))
+    if latest > steps:
+      raise checkpoint.CheckpointError(
+          f"{workdir} has a checkpoint at step {latest}, past total_steps={steps}: export it "
+          "with distil_jax.export, or use a new --workdir")
   if config.mode == "mlm" and not hf.has_mlm_head(teacher_dir):
     # Adam moves a parameter by about lr per step: a fresh head would need thousands of steps
     # to learn the label frequencies that its bias can simply start from.
@@ -322,7 +334,7 @@ def _train(configs, workdirs, names, locks, allow_config_change, resume_step
     for p, c in zip(params, configs, strict=True):
       p["projection"] = step.init_projection(model_config.hidden_size,
                                              teacher_config.hidden_size, c.seed)
-  tx, schedule = optimizer(config)
+  tx, schedule = optimizer(config, steps)
   hypers = [hyper(c, config.optim.lr_peak) for c in configs]
   state, teacher, train_step, eval_step = step.prepare(
       step_config, points.stack(params) if num_runs > 1 else params[0], teacher_params, tx,
@@ -352,7 +364,7 @@ def _train(configs, workdirs, names, locks, allow_config_change, resume_step
   # ---------------------------------------------------------------- Train loop.
   quiet = lambda c: [f"loss_{part}" for part in ("ce", "mlm", "cos", "mse")
                      if not c.distill[f"alpha_{part}"]]
-  writers = [metrics.MetricWriter(w, config.total_steps, name, first_step, quiet(c))
+  writers = [metrics.MetricWriter(w, steps, name, first_step, quiet(c))
              for w, name, c in zip(workdirs, names, configs, strict=True)]
   run_evaluate = lambda: evaluate(eval_step, state["params"], teacher, eval_batches,
                                   batch_sharding, num_runs)
@@ -360,11 +372,11 @@ def _train(configs, workdirs, names, locks, allow_config_change, resume_step
   if first_step == 0:  # Where the students start, to see them close on the teacher.
     for writer, m in zip(writers, run_evaluate(), strict=True):
       writer.eval(0, m)
-  elif first_step == config.total_steps:
+  elif first_step == steps:
     logging.info("The run is at its last step already.")
   tokens, skipped, diverged = 0.0, np.zeros(num_runs, int), None
   with checkpoint.PreemptionWatcher() as watcher:
-    for step_index in range(first_step + 1, config.total_steps + 1):
+    for step_index in range(first_step + 1, steps + 1):
       batch = data.global_batch(next(datasets.train), batch_sharding)
       state, train_metrics = train_step(state, teacher, batch, run_hyper)
       tokens = tokens + train_metrics["tokens"]  # Stays on device until the next log.
@@ -375,7 +387,7 @@ def _train(configs, workdirs, names, locks, allow_config_change, resume_step
       if not finite.all():
         skipped += ~finite
         diverged = _nonfinite(config, step_index, train_metrics, finite, names, skipped)
-      if step_index % config.log_every_steps == 0 or step_index == config.total_steps:
+      if step_index % config.log_every_steps == 0 or step_index == steps:
         fetched = jax.device_get((train_metrics, tokens))
         for i, writer in enumerate(writers):
           scalars = {k: float(np.asarray(v).reshape(-1)[i]) for k, v in fetched[0].items()}
@@ -389,7 +401,7 @@ def _train(configs, workdirs, names, locks, allow_config_change, resume_step
             lock.refresh()
       with metrics.paused(writers):
         eval_losses = [None] * num_runs
-        if step_index % config.eval_every_steps == 0 or step_index == config.total_steps:
+        if step_index % config.eval_every_steps == 0 or step_index == steps:
           eval_metrics = run_evaluate()
           for writer, m in zip(writers, eval_metrics, strict=True):
             writer.eval(step_index, m)
@@ -398,7 +410,7 @@ def _train(configs, workdirs, names, locks, allow_config_change, resume_step
         data_state = datasets.train.get_state()
         for i, ckpt in enumerate(ckpts):
           ckpt.save(step_index, one_run(state, i), data_state, eval_losses[i],
-                    force=step_index == config.total_steps or stop)
+                    force=step_index == steps or stop)
         if stop:
           for ckpt in ckpts:
             ckpt.wait()
@@ -413,10 +425,10 @@ def _train(configs, workdirs, names, locks, allow_config_change, resume_step
     raise errors.Diverged(diverged)
 
   # ---------------------------------------------------------------- Export.
-  finished = int(np.asarray(jax.device_get(state["step"])).reshape(-1)[0]) == config.total_steps
+  finished = int(np.asarray(jax.device_get(state["step"])).reshape(-1)[0]) == steps
   for i, workdir in enumerate(workdirs):
     if eval_metrics[i] and hosts.is_main():
-      log_summary(names[i], config.total_steps if finished else None, eval_metrics[i])
+      log_summary(names[i], steps if finished else None, eval_metrics[i])
     if config.export and finished:
       trained = multihost_utils.process_allgather(one_run(state, i)["params"]["student"],
                                                   tiled=True)

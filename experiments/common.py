@@ -56,6 +56,7 @@ def get_config() -> config_dict.ConfigDict:
   config.data = default_data_config()  # data.batch_size: global sequences per update.
   config.accum_steps = 1  # Micro-batches per update (data.batch_size must be a multiple).
   config.total_steps = 1000
+  config.epochs = 0.0  # If set: passes over the train sequences, which fix total_steps.
   config.seed = 0
   config.dtype = "float32"  # Compute dtype; "bfloat16" on TPUs and GPUs.
   config.teacher_param_dtype = "float32"  # "bfloat16" halves the frozen teacher's memory.

@@ -1,6 +1,11 @@
-r"""Memory of the compiled train and eval steps at experiments/bert_base.py's shapes, per device.
+r"""What experiments/bert_base.py costs: TPU time by the FLOP count, and memory per device.
 
-  .venv/bin/python -m benchmarks.memory [--devices=16]
+  .venv/bin/python -m benchmarks.bert_base_budget [--devices=16 --mfu=0.4]
+
+Time: the step's FLOPs (`perf.train_step_flops`: teacher forward, student forward and backward,
+L_ce over every token as configured) times the steps of 3 epochs over the original's corpus
+(3.3B words, about 1.3 WordPiece tokens each, in sequences of 512 filled to 100% or 70%), at an
+assumed MFU on a v4-32 (16 chips of 275 TFLOP/s in bf16).
 
 bert_base.py trains on 4096 sequences of 512 per update, in 16 micro-batches, bf16, on a slice
 of `devices` data-parallel devices: each device holds 4096 / devices rows per step. This
@@ -17,10 +22,12 @@ import jax.numpy as jnp
 from absl import app, flags
 from flax import linen as nn
 
-from distil_jax import losses, models, step
+from distil_jax import losses, models, perf, step
 from experiments import bert_base
 
 _DEVICES = flags.DEFINE_integer("devices", 16, "Data-parallel devices of the slice.")
+_MFU = flags.DEFINE_float("mfu", 0.4, "Assumed model FLOPs utilisation.")
+CORPUS_TOKENS = 3.3e9 * 1.3  # The original's Wikipedia + Toronto Books, in WordPiece tokens.
 
 
 def abstract(tree):
@@ -47,7 +54,14 @@ def main(argv) -> None:
   make = lambda accum: step.StepConfig(
       student=dataclasses.replace(student_config, dtype=config.dtype), teacher=teacher,
       max_predictions=step.max_predictions(seq, config.data.mask_prob), accum_steps=accum)
-  print(f"bert_base.py on {_DEVICES.value} devices: {rows} rows of {seq} per device per step, "
+  flops = perf.train_step_flops(make(config.accum_steps), config.data.batch_size, seq)
+  print(f"{flops / 1e15:.2f} PFLOP per step of {config.data.batch_size} x {seq}")
+  for fill in (1.0, 0.7):
+    steps = config.epochs * CORPUS_TOKENS / ((seq - 2) * fill) / config.data.batch_size
+    hours = flops * steps / (16 * perf.PEAK_FLOPS["TPU v4"] * _MFU.value) / 3600
+    print(f"{config.epochs:g} epochs, sequences {fill:.0%} full: {steps:,.0f} steps, "
+          f"{hours:.1f} h on a v4-32 at {_MFU.value:.0%} MFU ({16 * hours:.0f} chip-hours)")
+  print(f"\nbert_base.py on {_DEVICES.value} devices: {rows} rows of {seq} per device per step, "
         f"{config.accum_steps} micro-batches of {rows // config.accum_steps}\n")
   print("| compiled step | arguments (GiB) | outputs (GiB) | temporaries (GiB) |")
   print("|---|---|---|---|")
