@@ -14,12 +14,16 @@ def every_other_layer(num_teacher_layers: int, num_student_layers: int) -> list[
 
 
 def student_from_teacher(config: models.ModelConfig, params: dict, layers: Sequence[int],
-                         fold_token_type: bool = True) -> tuple[models.ModelConfig, dict]:
+                         fold_token_type: bool = True, copy_head_transform: bool = True,
+                         seed: int = 0) -> tuple[models.ModelConfig, dict]:
   """Builds a student (no token-type embeddings) from teacher `layers`, in order.
 
-  Word and position embeddings, the embedding LayerNorm and the whole MLM head are copied.
-  With `fold_token_type`, the teacher's token-type-0 vector is added to the position table, so
-  the student's embedding output equals the teacher's (on token-type-0 inputs) at init.
+  Word and position embeddings, the embedding LayerNorm and the MLM head's bias are copied (its
+  decoder is tied to the word embeddings). With `copy_head_transform`, so are the head's dense
+  transform and LayerNorm; without, they start as BERT initialises them (seeded), as the
+  original does unless told `--vocab_transform`. With `fold_token_type`, the teacher's
+  token-type-0 vector is added to the position table, so the student's embedding output equals
+  the teacher's (on token-type-0 inputs) at init; the original drops it.
   """
   layers = list(layers)
   bad = [i for i in layers if not 0 <= i < config.num_layers]
@@ -33,7 +37,14 @@ def student_from_teacher(config: models.ModelConfig, params: dict, layers: Seque
     token_type_0 = np.asarray(params["embeddings"]["token_type_embeddings"]["embedding"][0])
     positions = np.asarray(embeddings["position_embeddings"]["embedding"])
     embeddings["position_embeddings"] = {"embedding": positions + token_type_0}
-  student = {"embeddings": embeddings, "mlm_head": params["mlm_head"]}
+  head = dict(params["mlm_head"])
+  if not copy_head_transform:
+    rng = np.random.default_rng(seed)
+    size = config.hidden_size
+    head["transform"] = {"kernel": rng.normal(0, 0.02, (size, size)).astype(np.float32),
+                         "bias": np.zeros(size, np.float32)}
+    head["norm"] = {"scale": np.ones(size, np.float32), "bias": np.zeros(size, np.float32)}
+  student = {"embeddings": embeddings, "mlm_head": head}
   for i, teacher_layer in enumerate(layers):
     student[f"layer_{i}"] = params[f"layer_{teacher_layer}"]
   return student_config, student

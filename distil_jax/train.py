@@ -45,7 +45,8 @@ from distil_jax import (
 # initial parameters. Any other difference needs a run (or a fused group) of its own.
 FUSABLE_KEYS = ("distill.temperature", "distill.alpha_ce", "distill.alpha_mlm",
                 "distill.alpha_cos", "distill.alpha_mse", "optim.lr_peak", "seed",
-                "student.init", "student.layers", "student.fold_token_type")
+                "student.init", "student.layers", "student.fold_token_type",
+                "student.copy_head_transform")
 
 
 def flatten(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -122,7 +123,8 @@ def _student(config: ml_collections.ConfigDict, teacher_config: models.ModelConf
   layers = config.student.layers or student.every_other_layer(teacher_config.num_layers,
                                                               config.student.num_layers)
   student_config, params = student.student_from_teacher(
-      teacher_config, teacher_params, layers, config.student.fold_token_type)
+      teacher_config, teacher_params, layers, config.student.fold_token_type,
+      config.student.copy_head_transform, config.seed)
   if config.student.init == "random":
     params = jax.tree.map(np.asarray, models.init_params(student_config, config.seed))
   elif config.student.init != "teacher":

@@ -27,6 +27,8 @@ def get_config() -> config_dict.ConfigDict:
   config.student.num_layers = 6
   config.student.layers = ()  # Teacher layers to copy; () spreads them evenly (0,2,4,7,9,11).
   config.student.fold_token_type = True  # Add token-type-0 to the positions: exact at init.
+  # Copy the teacher's MLM head transform (dense + LayerNorm); the original does only when told.
+  config.student.copy_head_transform = True
   # "teacher": copy the teacher's layers (the paper); "random": BERT's random init (a baseline).
   config.student.init = "teacher"
 

@@ -35,6 +35,19 @@ def test_student_copies_mapped_layers_embeddings_and_head(teacher):
   assert sorted(student_params) == ["embeddings", "layer_0", "layer_1", "mlm_head"]
 
 
+def test_head_transform_starts_fresh_as_the_original_does_by_default(teacher):
+  config, params = teacher
+  _, fresh = student.student_from_teacher(config, params, [0, 2], copy_head_transform=False,
+                                          seed=3)
+  np.testing.assert_array_equal(fresh["mlm_head"]["bias"], params["mlm_head"]["bias"])
+  kernel = fresh["mlm_head"]["transform"]["kernel"]
+  assert kernel.shape == params["mlm_head"]["transform"]["kernel"].shape
+  assert np.std(kernel) == pytest.approx(0.02, rel=0.1)  # BERT's init, not the teacher's.
+  np.testing.assert_array_equal(fresh["mlm_head"]["transform"]["bias"], 0.0)
+  np.testing.assert_array_equal(fresh["mlm_head"]["norm"]["scale"], 1.0)
+  np.testing.assert_array_equal(fresh["mlm_head"]["norm"]["bias"], 0.0)
+
+
 def test_folded_token_type_gives_the_teachers_embedding_output(teacher):
   config, params = teacher
   ids = np.array([[101, 2054, 2003, 1996, 3007, 102, 0]])
