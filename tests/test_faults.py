@@ -199,3 +199,20 @@ def test_kill_9_during_an_asynchronous_save_resumes_from_the_last_complete_one(
   runs.finish(runs.start("main", tmp_path, bert_dir, corpus, config_path=None))
   np.testing.assert_allclose(list(runs.train_losses(tmp_path).values()),
                              list(runs.train_losses(finished).values()), rtol=1e-6)
+
+
+def test_storage_failing_mid_run_stops_in_one_line_at_once(tmp_path, bert_dir, corpus):
+  process = runs.start("main", tmp_path, bert_dir, corpus, "--config.total_steps=500",
+                       "--config.checkpoint_every_steps=2", "--config.eval_every_steps=1000")
+  deadline = time.time() + 300
+  while not (tmp_path / "checkpoints" / "4").exists():
+    assert process.poll() is None and time.time() < deadline, process.communicate()[0][-2000:]
+    time.sleep(0.05)
+  (tmp_path / "checkpoints").rename(tmp_path / "moved")
+  (tmp_path / "checkpoints").write_text("not a directory")  # The disk "fails".
+  failed = time.time()
+  (output,) = runs.finish(process, returncode=1)
+  assert time.time() - failed < 60  # Not orbax's 5-minute timeouts.
+  assert output.strip().splitlines()[-1].startswith(
+      f"FATAL cannot write checkpoints to {tmp_path}/checkpoints (")
+  assert not (tmp_path / "lock.json").exists()
