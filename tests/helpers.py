@@ -34,10 +34,13 @@ def random_batch(batch_size: int, seed: int = 0, mask_every: int = 4) -> dict:
 @functools.cache
 def setup(teacher_config=TEACHER, student_layers=(0, 3), *, with_teacher=True, project=False,
           frozen=(), lr=1e-2, sgd=False, accum_steps=1, restrict_ce_to_mask=False,
-          gather_logits=True, weight_decay=0.0, mesh=None, seed=0, num_points=0):
+          gather_logits=True, weight_decay=0.0, mesh=None, seed=0, num_points=0, dropout=0.0):
   """Teacher, student, optimizer (AdamW, or SGD with `sgd`), sharded state and compiled steps on
   `mesh` (one device by default); with `num_points`, that many copies of the student stacked.
-  Cached: take the state with `fresh_state`, since the train step donates it."""
+  `dropout` is the hidden and attention dropout of both models (the step must keep the teacher
+  deterministic). Cached: take the state with `fresh_state`, since the train step donates it."""
+  teacher_config = dataclasses.replace(teacher_config, hidden_dropout=dropout,
+                                       attention_dropout=dropout)
   # BERT's init (std 0.02) makes near-identity layers and flat logits; larger weights matter.
   teacher_params = traverse_util.path_aware_map(
       lambda path, x: x * 25 if path[-1] in ("kernel", "embedding") else x,
@@ -57,6 +60,9 @@ def setup(teacher_config=TEACHER, student_layers=(0, 3), *, with_teacher=True, p
   params = {"student": student_params}
   if project:
     params["projection"] = step.init_projection(8, teacher_config.hidden_size)
+    # A non-zero bias (it starts at zero), so that a step that leaves it out differs.
+    params["projection"]["bias"] = jax.random.normal(jax.random.key(seed + 2),
+                                                     (teacher_config.hidden_size,))
   if num_points:
     params = points.stack([params] * num_points)
   state, teacher, train, evaluate = step.prepare(

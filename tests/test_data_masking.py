@@ -1,9 +1,13 @@
-"""Dynamic masking: counts per row, 80/10/10 statistics, determinism per row, smoothing."""
+"""Dynamic masking: counts per row for any padded batch, the rate in expectation, mask/random/kept
+statistics, determinism per row, smoothing."""
 
 import math
 
 import numpy as np
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 from distil_jax.data import IGNORED_LABEL, label_log_prior, mask_tokens, smoothed_token_weights
 
@@ -28,37 +32,67 @@ def _mask(ids, attention_mask, seed=0, step=0, **options):
                      special_ids=SPECIAL, mask_id=MASK, **options)
 
 
-def test_masking_statistics_over_many_batches():
+@settings(max_examples=40, deadline=None)
+@given(ids=hnp.arrays(np.int32, st.tuples(st.integers(1, 6), st.integers(1, 40)),
+                      elements=st.sampled_from([*SPECIAL, 1000, 1001, 30521])),
+       lengths_seed=st.integers(0, 2**32 - 1), percent=st.integers(0, 100),
+       seed=st.integers(0, 2**32 - 1), weighted=st.booleans())
+def test_masking_chooses_the_rate_of_each_rows_real_non_special_tokens(
+    ids, lengths_seed, percent, seed, weighted):
+  rng = np.random.default_rng(lengths_seed)
+  lengths = rng.integers(0, ids.shape[1] + 1, len(ids))
+  attention_mask = (np.arange(ids.shape[1]) < lengths[:, None]).astype(np.int32)
+  token_weights = rng.random(VOCAB) + 0.01 if weighted else None
+  input_ids, labels = _mask(ids, attention_mask, seed=seed, mask_prob=percent / 100,
+                            token_weights=token_weights)
+  candidates = (attention_mask == 1) & ~np.isin(ids, SPECIAL)
+  chosen = labels != IGNORED_LABEL
+  assert not (chosen & ~candidates).any()  # Never special tokens or padding.
+  # Per row, the rate times its candidates rounded down or up (exact integer arithmetic).
+  per_row, n = chosen.sum(1), candidates.sum(1)
+  assert ((per_row == percent * n // 100) | (per_row == -(-percent * n // 100))).all()
+  np.testing.assert_array_equal(labels[chosen], ids[chosen])
+  np.testing.assert_array_equal(input_ids[~chosen], ids[~chosen])
+  replaced = input_ids[chosen]
+  assert ((replaced == MASK) | ~np.isin(replaced, SPECIAL)).all()
+  assert ((replaced >= 0) & (replaced < VOCAB)).all()
+
+
+@settings(max_examples=10, deadline=None, derandomize=True)
+@example(mask_percent=80, random_percent=10, seed=0)  # The original recipe.
+@given(mask_percent=st.integers(0, 100), random_percent=st.integers(0, 100),
+       seed=st.integers(0, 2**32 - 1))
+def test_mask_random_and_kept_fractions_follow_the_binomial(mask_percent, random_percent, seed):
+  mask_frac = mask_percent / 100
+  random_frac = min(random_percent / 100, 1 - mask_frac)
+  ids = np.random.default_rng(seed).integers(1000, VOCAB, (64, 128))
+  input_ids, labels = _mask(ids, np.ones_like(ids), seed=seed, mask_prob=1.0,
+                            mask_token_frac=mask_frac, random_token_frac=random_frac)
+  n = labels.size  # mask_prob 1: every token is chosen.
+  assert (labels != IGNORED_LABEL).all()
+  # A random token is drawn from the non-special vocabulary, so it can be the original.
+  same = 1 / (VOCAB - len(SPECIAL))
+  expected = {"mask": mask_frac, "random": random_frac * (1 - same),
+              "kept": 1 - mask_frac - random_frac + random_frac * same}
+  observed = {"mask": input_ids == MASK, "random": (input_ids != MASK) & (input_ids != ids),
+              "kept": input_ids == ids}
+  for kind, p in expected.items():
+    # Each count is Binomial(n, p): within 5 standard deviations (exact at p = 0 or 1).
+    assert abs(observed[kind].sum() - n * p) <= 5 * math.sqrt(n * p * (1 - p)), kind
+
+
+def test_the_rate_holds_in_expectation():
+  """Rounding up with probability the fractional part keeps the rate at 15% on average."""
   rng = np.random.default_rng(1)
-  kinds = {"mask": 0, "random": 0, "kept": 0}
   num_candidates = num_chosen = 0
   for step in range(300):
     ids, attention_mask = _batch(rng)
-    input_ids, labels = _mask(ids, attention_mask, step=step)
-    candidates = (attention_mask == 1) & ~np.isin(ids, SPECIAL)
-    chosen = labels != IGNORED_LABEL
-    # Per row, 15% of its candidates rounded down or up (exact integer arithmetic).
-    per_row, n = chosen.sum(1), candidates.sum(1)
-    assert ((per_row == 15 * n // 100) | (per_row == -(-15 * n // 100))).all()
-    num_candidates, num_chosen = num_candidates + n.sum(), num_chosen + per_row.sum()
-    assert not (chosen & ~candidates).any()  # Never special tokens or padding.
-    np.testing.assert_array_equal(labels[chosen], ids[chosen])
-    np.testing.assert_array_equal(input_ids[~chosen], ids[~chosen])
-    replaced = input_ids[chosen]
-    assert not np.isin(replaced[replaced != MASK], SPECIAL).any()
-    kinds["mask"] += (replaced == MASK).sum()
-    kinds["kept"] += (replaced == ids[chosen]).sum()
-    kinds["random"] += ((replaced != MASK) & (replaced != ids[chosen])).sum()
-  total = sum(kinds.values())
-  assert total > 10_000
-  # Rounding up with probability the fractional part keeps the rate at 15% in expectation: the
-  # rounding adds at most 0.5 per row (a variance under 0.25), 2400 rows.
-  assert num_chosen / num_candidates == pytest.approx(0.15, abs=4 * math.sqrt(2400 * 0.25)
-                                                      / num_candidates)
-  # Binomial standard deviations are below 0.004; a random token equals the original 1/30k times.
-  assert kinds["mask"] / total == pytest.approx(0.8, abs=0.015)
-  assert kinds["random"] / total == pytest.approx(0.1, abs=0.012)
-  assert kinds["kept"] / total == pytest.approx(0.1, abs=0.012)
+    _, labels = _mask(ids, attention_mask, step=step)
+    num_candidates += ((attention_mask == 1) & ~np.isin(ids, SPECIAL)).sum()
+    num_chosen += (labels != IGNORED_LABEL).sum()
+  # Each of the 2,400 rows adds a Bernoulli rounding of variance at most 0.25.
+  assert num_chosen / num_candidates == pytest.approx(
+      0.15, abs=4 * math.sqrt(2400 * 0.25) / num_candidates)
 
 
 def test_same_seed_and_step_give_the_same_masks():

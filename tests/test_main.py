@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -101,6 +102,25 @@ def _wait_for(path: pathlib.Path, process, timeout=300):
     time.sleep(0.05)
 
 
+def _latest_checkpoint(workdir) -> int:
+  return max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def _metric_rows(workdir) -> int:
+  return len((workdir / "metrics.jsonl").read_text().splitlines())
+
+
+def _assert_resumed(workdir, output: str, latest: int, rows_before: int):
+  """The run's log says it resumed from `latest`, and the first step it logged (in its output
+  and in the rows it appended to metrics.jsonl) is the next."""
+  resumed = re.search(r"Resumed from step (\d+) of ", output)
+  assert resumed and int(resumed[1]) == latest, output[-3000:]
+  first_logged = re.search(r"\bstep (\d+)/\d+ loss=", output[resumed.end():])
+  assert first_logged and int(first_logged[1]) == latest + 1, output[-3000:]
+  rows = map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines()[rows_before:])
+  assert next(r["step"] for r in rows if r["kind"] == "train") == latest + 1
+
+
 def test_resume_after_sigterm_and_after_kill_9_equals_an_uninterrupted_run(
     uninterrupted, tmp_path, bert_dir, corpus):
   workdir = tmp_path / "interrupted"
@@ -109,18 +129,22 @@ def test_resume_after_sigterm_and_after_kill_9_equals_an_uninterrupted_run(
   process.send_signal(signal.SIGTERM)
   output, _ = process.communicate(timeout=120)
   assert process.returncode == 0, output[-3000:]
-  stopped_at = max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  stopped_at = _latest_checkpoint(workdir)
   assert 10 <= stopped_at < 60, "SIGTERM should stop the run before its end"
   assert max(_train_losses(workdir)) == stopped_at
 
+  rows_before = _metric_rows(workdir)
   process = _start(workdir, bert_dir, corpus)
   next_checkpoint = (stopped_at // 10 + 1) * 10
   _wait_for(workdir / "checkpoints" / str(next_checkpoint), process)
   process.kill()
-  process.communicate()
+  output, _ = process.communicate()
   assert not (workdir / "export").exists(), "kill -9 should stop the run before its end"
+  _assert_resumed(workdir, output, stopped_at, rows_before)
 
-  _run(workdir, bert_dir, corpus)
+  latest, rows_before = _latest_checkpoint(workdir), _metric_rows(workdir)
+  assert latest >= next_checkpoint
+  _assert_resumed(workdir, _run(workdir, bert_dir, corpus), latest, rows_before)
   expected, resumed = _train_losses(uninterrupted), _train_losses(workdir)
   assert sorted(resumed) == sorted(expected)
   np.testing.assert_allclose([resumed[s] for s in expected], list(expected.values()), rtol=1e-6)

@@ -1,26 +1,150 @@
-"""The train step: teacher frozen, exact gradient accumulation, optimizer options, overfitting."""
+"""The train and eval steps against a reference built from their parts (tests/step_reference.py):
+losses, gradients, accumulation, the gather, dropout and fused points; the optimizer options."""
+
+from functools import partial
 
 import jax
 import numpy as np
 import pytest
-from helpers import fresh_state, random_batch, setup
+import step_reference as reference
+from helpers import TEACHER, fresh_state, random_batch, setup
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
-from distil_jax import losses, models, step
+from distil_jax import losses, models, points, step
 
-WEIGHTS = step.Hyper()
+# Five distinct values, so that a weight applied to the wrong part shows. Python floats: every
+# test's Hyper has the same types, so the steps compiled by `setup` serve them all.
+WEIGHTS = losses.LossWeights(temperature=3.0, alpha_ce=5.0, alpha_mlm=2.0, alpha_cos=1.5,
+                             alpha_mse=0.02)
+HYPER = step.Hyper(WEIGHTS)
 
 
-def _leaves_equal(a, b):
-  return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b),
-                                                    strict=True))
+def _host(tree):
+  return jax.tree.map(np.asarray, tree)
 
 
-def test_teacher_is_bit_identical_and_only_the_student_changes():
+def _sgd_step(batch, hyper=HYPER, **options):
+  """One step of SGD at learning rate 1: (run, parameters before, minus the update, metrics).
+
+  Minus the update is the step's gradient (times each point's lr_scale)."""
+  run = setup(sgd=True, lr=1.0, **options)
+  before = _host(run["state"]["params"])
+  state, metrics = run["train"](fresh_state(run), run["teacher"], batch, hyper)
+  update = jax.tree.map(lambda a, b: a - np.asarray(b), before, state["params"])
+  return run, before, update, _host(metrics)
+
+
+def _assert_trees_close(actual, expected):
+  """Leaf by leaf, to float32 rounding of the largest entry."""
+  scale = max(np.abs(x).max() for x in jax.tree.leaves(expected))
+  jax.tree_util.tree_map_with_path(lambda path, a, e: np.testing.assert_allclose(
+      a, e, rtol=1e-4, atol=1e-5 * scale, err_msg=jax.tree_util.keystr(path)), actual, expected)
+
+
+def _assert_metrics_match(metrics, expected):
+  assert set(expected) <= set(metrics)
+  for key, value in expected.items():
+    np.testing.assert_allclose(metrics[key], value, rtol=2e-5, err_msg=key)
+
+
+@pytest.mark.parametrize("options", [
+    {}, {"accum_steps": 4}, {"restrict_ce_to_mask": True},
+    {"restrict_ce_to_mask": True, "accum_steps": 4},
+    {"restrict_ce_to_mask": True, "gather_logits": False}, {"project": True},
+], ids=["all_tokens", "all_tokens_accum4", "masked_gather", "masked_gather_accum4",
+        "masked_no_gather", "projection"])
+def test_train_step_equals_the_reference(options):
+  batch = random_batch(8, seed=3)  # Rows of unequal lengths and masked counts.
+  assert (batch["attention_mask"] == 0).any()
+  run, params, update, metrics = _sgd_step(batch, **options)
+  grads, expected = reference.gradient(params, run["teacher_params"], batch, WEIGHTS,
+                                       config=run["config"])
+  _assert_metrics_match(metrics, expected)
+  _assert_trees_close(update, grads)
+  if "projection" in params:
+    assert np.abs(grads["projection"]["bias"]).min() > 0
+
+
+def test_mlm_only_step_equals_the_students_own_mlm_loss():
+  batch = random_batch(8, seed=3)
+  run, params, update, metrics = _sgd_step(batch, with_teacher=False)
+  assert "loss_ce" not in metrics and "teacher_accuracy" not in metrics
+  grads, expected = reference.gradient(params, None, batch, WEIGHTS, config=run["config"])
+  np.testing.assert_allclose(expected["loss"], WEIGHTS.alpha_mlm * expected["loss_mlm"])
+  _assert_metrics_match(metrics, expected)
+  _assert_trees_close(update, grads)
+
+
+# Fused points with dropout: their updates differ by seed, and the teacher must stay deterministic.
+FUSED = {"num_points": 2, "dropout": 0.1}
+
+
+def _dropout_key(seed: int) -> jax.Array:
+  """The step's dropout key at step 0, micro-batch 0."""
+  return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 0), 0)
+
+
+def test_fused_points_equal_the_reference_of_each():
+  hypers = [HYPER._replace(seed=7), step.Hyper(losses.LossWeights(1.0, 0.5, 3.0, 0.0, 0.1),
+                                                0.25, 8)]
+  batch = random_batch(8, seed=3)
+  run, params, update, metrics = _sgd_step(batch, points.stack(hypers), **FUSED)
+  for i, hyper in enumerate(hypers):
+    take = lambda tree, i=i: jax.tree.map(lambda x: x[i], tree)
+    grads, expected = reference.gradient(take(params), run["teacher_params"], batch,
+                                         hyper.weights, config=run["config"],
+                                         rng=_dropout_key(hyper.seed))
+    _assert_metrics_match(take(metrics), expected)
+    _assert_trees_close(take(update), jax.tree.map(partial(np.multiply, hyper.lr_scale), grads))
+
+
+def test_dropout_is_the_students_alone_and_follows_the_seed():
+  batch = random_batch(8, seed=3)
+  hyper = points.stack([HYPER._replace(seed=7), HYPER._replace(seed=8)])  # Only seeds differ.
+  run, params, update, metrics = _sgd_step(batch, hyper, **FUSED)
+  assert run["config"].teacher.hidden_dropout == run["config"].student.hidden_dropout == 0.1
+  again = _sgd_step(batch, hyper, **FUSED)[2]
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(update),
+                                                  jax.tree.leaves(again), strict=True))
+  first = lambda tree: jax.tree.map(lambda x: x[0], tree)
+  kernel = update["student"]["layer_0"]["fc1"]["kernel"]
+  assert not np.allclose(kernel[0], kernel[1])
+  # Against the reference's dropout with the step's key, and its deterministic teacher.
+  grads, expected = reference.gradient(first(params), run["teacher_params"], batch, WEIGHTS,
+                                       config=run["config"], rng=_dropout_key(7))
+  _assert_metrics_match(first(metrics), expected)
+  _assert_trees_close(first(update), grads)
+  without_dropout, _ = reference.gradient(first(params), run["teacher_params"], batch, WEIGHTS,
+                                          config=run["config"])
+  difference = jax.tree.map(lambda a, b: np.abs(a - b).max(), first(update), without_dropout)
+  assert max(jax.tree.leaves(difference)) > 0.1  # Rounding is below 1e-4.
+
+
+def test_eval_step_equals_the_reference():
   run = setup()
-  before = jax.tree.map(np.asarray, run["state"]["params"])
-  teacher_before = jax.tree.map(np.asarray, run["teacher"])
-  state, metrics = run["train"](fresh_state(run), run["teacher"], random_batch(8), WEIGHTS)
-  assert _leaves_equal(jax.tree.map(np.asarray, run["teacher"]), teacher_before)
+  batch = random_batch(8, seed=2)
+  params = _host(run["state"]["params"])
+  sums = _host(run["evaluate"](params, run["teacher"], batch))
+  expected = reference.eval_sums(params, run["teacher_params"], batch, config=run["config"])
+  # The student disagrees with the teacher somewhere, and its KL is not symmetric there.
+  assert 0 < expected["agreement"] < expected["count"]
+  _assert_metrics_match(sums, expected)
+  n = float(expected["count"])
+  summary = step.summarize_eval(jax.tree.map(float, sums))
+  np.testing.assert_allclose(
+      [summary[k] for k in ("eval_loss", "student_accuracy", "teacher_accuracy", "agreement",
+                            "kl_t1", "student_perplexity", "teacher_perplexity")],
+      [expected["student_nll"] / n, expected["student_correct"] / n,
+       expected["teacher_correct"] / n, expected["agreement"] / n, expected["kl"] / n,
+       np.exp(expected["student_nll"] / n), np.exp(expected["teacher_nll"] / n)], rtol=2e-5)
+
+
+def test_every_student_parameter_changes():
+  run = setup()
+  before = _host(run["state"]["params"])
+  state, metrics = run["train"](fresh_state(run), run["teacher"], random_batch(8), HYPER)
   changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), before, state["params"])
   assert all(jax.tree.leaves(changed))
   assert int(state["step"]) == 1
@@ -28,48 +152,28 @@ def test_teacher_is_bit_identical_and_only_the_student_changes():
                           "student_accuracy", "teacher_accuracy", "grad_norm", "tokens"}
 
 
-def test_metrics_parts_make_the_total():
-  run = setup()
-  _, m = run["train"](fresh_state(run), run["teacher"], random_batch(8), WEIGHTS)
-  np.testing.assert_allclose(m["loss"], 5 * m["loss_ce"] + 2 * m["loss_mlm"] + m["loss_cos"],
-                             rtol=1e-5)
-
-
-def _gradient(batch, **kwargs):
-  """The first step's gradient (SGD with lr 1: the update is minus the gradient), and metrics."""
-  run = setup(sgd=True, lr=1.0, **kwargs)
-  before = jax.tree.map(np.asarray, run["state"]["params"])
-  state, metrics = run["train"](fresh_state(run), run["teacher"], batch, WEIGHTS)
-  return jax.tree.map(lambda a, b: a - np.asarray(b), before, state["params"]), metrics
-
-
-def _assert_same_step(a, b, keys):
-  (grads_a, metrics_a), (grads_b, metrics_b) = a, b
-  for key in keys:
-    np.testing.assert_allclose(metrics_a[key], metrics_b[key], rtol=1e-4, err_msg=key)
-  scale = max(np.abs(g).max() for g in jax.tree.leaves(grads_b))
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-4 * scale), grads_a, grads_b)
-
-
-@pytest.mark.parametrize("restrict", [False, True])
-def test_gradient_accumulation_equals_one_big_batch(restrict):
-  batch = random_batch(8, seed=3)  # Rows of unequal lengths and masked counts.
-  _assert_same_step(_gradient(batch, accum_steps=4, restrict_ce_to_mask=restrict),
-                    _gradient(batch, accum_steps=1, restrict_ce_to_mask=restrict),
-                    ("loss", "loss_ce", "loss_mlm", "loss_cos", "student_accuracy"))
-
-
-def test_masked_position_gather_gives_the_same_losses():
-  batch = random_batch(8, seed=5)
-  _assert_same_step(_gradient(batch, restrict_ce_to_mask=True),
-                    _gradient(batch, restrict_ce_to_mask=True, gather_logits=False),
-                    ("loss", "loss_ce", "loss_mlm", "student_accuracy", "teacher_accuracy"))
+@settings(max_examples=30, deadline=None)
+@given(masked=hnp.arrays(bool, st.tuples(st.integers(1, 4), st.integers(1, 10))),
+       max_predictions=st.integers(1, 12))
+def test_gather_keeps_every_masked_position_it_has_room_for(masked, max_predictions):
+  labels = np.where(masked, 7 + np.arange(masked.size).reshape(masked.shape),
+                    losses.IGNORE_INDEX)
+  config = step.StepConfig(student=TEACHER, teacher=None, max_predictions=max_predictions)
+  positions, valid, gathered = map(np.asarray, jax.jit(step._logit_targets, static_argnums=0)(
+      config, {"labels": labels, "attention_mask": np.ones_like(labels)}))
+  per_row = masked.sum(1)
+  np.testing.assert_array_equal(valid.sum(1), np.minimum(per_row, max_predictions))
+  for row in range(len(labels)):
+    kept = positions[row][valid[row]]
+    assert len(set(kept)) == len(kept) and masked[row, kept].all()
+    np.testing.assert_array_equal(gathered[row][valid[row]], labels[row, kept])
+  assert (gathered[~valid] == losses.IGNORE_INDEX).all()
 
 
 def test_frozen_position_embeddings_and_weight_decay_mask():
   run = setup(frozen=("position_embeddings",), weight_decay=0.5)
   before = jax.tree.map(np.asarray, run["state"]["params"]["student"])
-  state, _ = run["train"](fresh_state(run), run["teacher"], random_batch(8), WEIGHTS)
+  state, _ = run["train"](fresh_state(run), run["teacher"], random_batch(8), HYPER)
   after = jax.tree.map(np.asarray, state["params"]["student"])
   np.testing.assert_array_equal(after["embeddings"]["position_embeddings"]["embedding"],
                                 before["embeddings"]["position_embeddings"]["embedding"])
@@ -99,29 +203,11 @@ def test_learning_rate_schedule_warms_up_then_decays():
                              [0.0, 5e-4, 5e-4 * 50 / 95, 0.0], rtol=1e-6, atol=1e-12)
 
 
-def test_mlm_only_training_without_teacher():
-  run = setup(with_teacher=False)
-  state, metrics = run["train"](fresh_state(run), None, random_batch(8), step.Hyper(
-      losses.LossWeights(alpha_mlm=1.0)))
-  assert set(metrics) >= {"loss", "loss_mlm", "student_accuracy"}
-  assert "loss_ce" not in metrics and "teacher_accuracy" not in metrics
-  np.testing.assert_allclose(metrics["loss"], metrics["loss_mlm"], rtol=1e-6)
-  assert int(state["step"]) == 1
-
-
-def test_projection_lets_a_narrower_student_use_the_cosine_loss():
-  run = setup(project=True)
-  before = np.asarray(run["state"]["params"]["projection"]["kernel"])
-  state, metrics = run["train"](fresh_state(run), run["teacher"], random_batch(8), WEIGHTS)
-  assert np.isfinite(metrics["loss_cos"])
-  assert not np.array_equal(before, state["params"]["projection"]["kernel"])
-
-
 def test_narrower_student_without_projection_is_refused():
   with pytest.raises(ValueError, match="set distill.project_student_hidden=True"):
-    run = setup(project=True)
+    run = setup(sgd=True, lr=1.0, project=True)  # The cached one.
     state = dict(run["state"], params={"student": run["state"]["params"]["student"]})
-    step.train_step(state, run["teacher"], random_batch(8), WEIGHTS, config=run["config"],
+    step.train_step(state, run["teacher"], random_batch(8), HYPER, config=run["config"],
                     tx=run["tx"])
 
 
@@ -133,28 +219,16 @@ def test_overfitting_a_fixed_batch_drives_the_loss_down():
       {"params": run["teacher_params"]}, batch["input_ids"], batch["attention_mask"]).logits
   batch["labels"] = np.where(batch["labels"] != losses.IGNORE_INDEX,
                              np.argmax(teacher_logits, -1), losses.IGNORE_INDEX).astype(np.int32)
-  state, first = run["train"](fresh_state(run), run["teacher"], batch, WEIGHTS)
+  state, first = run["train"](fresh_state(run), run["teacher"], batch, step.Hyper())
   for _ in range(99):
-    state, metrics = run["train"](state, run["teacher"], batch, WEIGHTS)
+    state, metrics = run["train"](state, run["teacher"], batch, step.Hyper())
   assert float(metrics["loss"]) < float(first["loss"]) / 10
   assert float(metrics["student_accuracy"]) > 0.9
 
 
-def test_eval_step_sums_and_summary():
-  run = setup()
-  batch = random_batch(8, seed=2)
-  sums = run["evaluate"](run["state"]["params"], run["teacher"], batch)
-  count = (batch["labels"] != losses.IGNORE_INDEX).sum()
-  assert float(sums["count"]) == min(count, 8 * 6)
-  summary = step.summarize_eval(jax.tree.map(float, sums))
-  assert 0 <= summary["agreement"] <= 1 and summary["kl_t1"] >= 0
-  np.testing.assert_allclose(summary["student_perplexity"], np.exp(summary["eval_loss"]))
-
-
 def test_masked_positions_beyond_max_predictions_are_counted_as_dropped():
-  run = setup(restrict_ce_to_mask=True)
   batch = random_batch(8, seed=4, mask_every=1)  # Every real token masked: up to 12 per row.
-  _, metrics = run["train"](fresh_state(run), run["teacher"], batch, WEIGHTS)
+  _, _, _, metrics = _sgd_step(batch, restrict_ce_to_mask=True)
   per_row = (batch["labels"] != losses.IGNORE_INDEX).sum(1)
   assert float(metrics["dropped_predictions"]) == np.maximum(per_row - 6, 0).sum() > 0
   assert float(metrics["masked"]) == np.minimum(per_row, 6).sum()
