@@ -1,12 +1,9 @@
 """`distil_jax.main` end to end: a run, its export, resume after SIGTERM and kill -9, overrides."""
 
 import json
-import os
 import pathlib
 import re
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -15,45 +12,16 @@ import safetensors.numpy
 import torch
 import transformers
 
-from distil_jax import export, resources
-
-ROOT = pathlib.Path(__file__).parent.parent
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> pathlib.Path:
-  """400 real Wikipedia lead sections, one per line."""
-  records = json.loads(resources.wiki_offline_json().read_text())
-  texts = [r["extract"].replace("\n", " ") for r in list(records.values())[:400]]
-  path = tmp_path_factory.mktemp("corpus") / "wiki.txt"
-  path.write_text("\n".join(texts) + "\n")
-  return path
+from distil_jax import export
+from tests import runs
 
 
-def _command(workdir, bert_dir, corpus, *overrides):
-  return [sys.executable, "-m", "distil_jax.main", "--config=tests/configs/random_teacher.py",
-          f"--workdir={workdir}", f"--config.teacher={bert_dir}",
-          f"--config.data.sources=('text:{corpus}',)",
-          f"--config.data.data_dir={corpus.parent / 'data'}", *overrides]
+def _start(workdir, bert_dir, corpus, *flags):
+  return runs.start("main", workdir, bert_dir, corpus, *flags)
 
 
-def _start(*args, **kwargs):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  return subprocess.Popen(_command(*args, **kwargs), cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
-
-
-def _run(*args):
-  process = _start(*args)
-  output, _ = process.communicate(timeout=600)
-  assert process.returncode == 0, output[-3000:]
-  return output
-
-
-def _train_losses(workdir) -> dict[int, float]:
-  """Loss of every logged train step; a step logged twice (re-run after a kill) keeps its last."""
-  lines = (workdir / "metrics.jsonl").read_text().splitlines()
-  return {r["step"]: r["loss"] for r in map(json.loads, lines) if r["kind"] == "train"}
+def _run(*args) -> str:
+  return runs.finish(_start(*args))[0]
 
 
 def _weights(directory):
@@ -70,7 +38,7 @@ def uninterrupted(tmp_path_factory, bert_dir, corpus):
 def test_run_writes_config_metrics_checkpoints_and_an_export(uninterrupted):
   config = json.loads((uninterrupted / "config.json").read_text())
   assert config["total_steps"] == 60 and config["distill"]["temperature"] == 2.0
-  losses = _train_losses(uninterrupted)
+  losses = runs.train_losses(uninterrupted)
   assert sorted(losses) == list(range(1, 61)) and losses[60] < losses[1]
   evals = [json.loads(line) for line in (uninterrupted / "metrics.jsonl").read_text()
            .splitlines() if '"eval"' in line]
@@ -106,19 +74,14 @@ def _latest_checkpoint(workdir) -> int:
   return max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
 
 
-def _metric_rows(workdir) -> int:
-  return len((workdir / "metrics.jsonl").read_text().splitlines())
-
-
-def _assert_resumed(workdir, output: str, latest: int, rows_before: int):
-  """The run's log says it resumed from `latest`, and the first step it logged (in its output
-  and in the rows it appended to metrics.jsonl) is the next."""
+def _assert_resumed(workdir, output: str, latest: int):
+  """The run's log says it resumed from `latest`, the first step it logged is the next, and
+  metrics.jsonl holds each step up to it once (rows of replayed steps are dropped)."""
   resumed = re.search(r"Resumed from step (\d+) of ", output)
   assert resumed and int(resumed[1]) == latest, output[-3000:]
   first_logged = re.search(r"\bstep (\d+)/\d+ loss=", output[resumed.end():])
   assert first_logged and int(first_logged[1]) == latest + 1, output[-3000:]
-  rows = map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines()[rows_before:])
-  assert next(r["step"] for r in rows if r["kind"] == "train") == latest + 1
+  assert set(range(1, latest + 2)) <= set(runs.train_losses(workdir))
 
 
 def test_resume_after_sigterm_and_after_kill_9_equals_an_uninterrupted_run(
@@ -131,21 +94,20 @@ def test_resume_after_sigterm_and_after_kill_9_equals_an_uninterrupted_run(
   assert process.returncode == 0, output[-3000:]
   stopped_at = _latest_checkpoint(workdir)
   assert 10 <= stopped_at < 60, "SIGTERM should stop the run before its end"
-  assert max(_train_losses(workdir)) == stopped_at
+  assert max(runs.train_losses(workdir)) == stopped_at
 
-  rows_before = _metric_rows(workdir)
   process = _start(workdir, bert_dir, corpus)
   next_checkpoint = (stopped_at // 10 + 1) * 10
   _wait_for(workdir / "checkpoints" / str(next_checkpoint), process)
   process.kill()
   output, _ = process.communicate()
   assert not (workdir / "export").exists(), "kill -9 should stop the run before its end"
-  _assert_resumed(workdir, output, stopped_at, rows_before)
+  _assert_resumed(workdir, output, stopped_at)
 
-  latest, rows_before = _latest_checkpoint(workdir), _metric_rows(workdir)
+  latest = _latest_checkpoint(workdir)
   assert latest >= next_checkpoint
-  _assert_resumed(workdir, _run(workdir, bert_dir, corpus), latest, rows_before)
-  expected, resumed = _train_losses(uninterrupted), _train_losses(workdir)
+  _assert_resumed(workdir, _run(workdir, bert_dir, corpus), latest)
+  expected, resumed = runs.train_losses(uninterrupted), runs.train_losses(workdir)
   assert sorted(resumed) == sorted(expected)
   np.testing.assert_allclose([resumed[s] for s in expected], list(expected.values()), rtol=1e-6)
   weights = _weights(workdir)
