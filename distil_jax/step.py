@@ -249,25 +249,34 @@ def train_step(state: PyTree, teacher_params: PyTree | None, batch: PyTree, hype
       lambda carry, xs: (jax.tree.map(jnp.add, carry, micro_grads(*xs)), None), zeros,
       (micro, jnp.arange(config.accum_steps)))
 
-  def point_update(state, grads, hyper, loss):
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    updates = jax.tree.map(lambda u: u * jnp.asarray(hyper.lr_scale, u.dtype), updates)
-    params = optax.apply_updates(state["params"], updates)
-    grad_norm = optax.global_norm(trained(grads))
-    # A non-finite loss, gradient or result is not applied: params and optimizer state stay.
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(params))
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-    return ({"step": state["step"] + 1, "params": keep(params, state["params"]),
-             "opt_state": keep(opt_state, state["opt_state"])}, grad_norm, finite)
-  trained = lambda tree: jax.tree.map(lambda x, t: x if t else jnp.zeros_like(x), tree,
-                                      trainable(tree, config.frozen))
-  new_state, metrics["grad_norm"], metrics["finite"] = _per_point(config, point_update, 4, 4)(
-      state, grads, hyper, metrics["loss"])
+  update = functools.partial(apply_update, tx=tx, frozen=config.frozen)
+  new_state, metrics["grad_norm"], metrics["finite"] = _per_point(config, update, 4, 4)(
+      state, grads, hyper.lr_scale, metrics["loss"])
   metrics["student_accuracy"] = metrics.pop("student_correct") / jnp.maximum(metrics["masked"], 1)
   if "teacher_correct" in metrics:
     metrics["teacher_accuracy"] = metrics.pop("teacher_correct") / jnp.maximum(
         metrics["masked"], 1)
   return new_state, metrics
+
+
+def apply_update(state: PyTree, grads: PyTree, lr_scale: ArrayLike, loss: jax.Array, *,
+                 tx: optax.GradientTransformation, frozen: Sequence[str] = ()
+                 ) -> tuple[PyTree, jax.Array, jax.Array]:
+  """One optimizer update of one run's state, scaled by `lr_scale`; returns (new state, the
+  gradient norm that clipping sees, whether it was applied).
+
+  A non-finite loss, gradient or result is not applied: the parameters and optimizer state stay
+  (the step counter moves on).
+  """
+  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  updates = jax.tree.map(lambda u: u * jnp.asarray(lr_scale, u.dtype), updates)
+  params = optax.apply_updates(state["params"], updates)
+  grad_norm = optax.global_norm(jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), grads,
+                                             trainable(grads, frozen)))
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(params))
+  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+  return ({"step": state["step"] + 1, "params": keep(params, state["params"]),
+           "opt_state": keep(opt_state, state["opt_state"])}, grad_norm, finite)
 
 
 def eval_step(params: PyTree, teacher_params: PyTree | None, batch: PyTree, *,
