@@ -114,6 +114,24 @@ def top1_agreement(student_logits: jax.Array, teacher_logits: jax.Array,
   return hits / jnp.maximum(count, 1.0)
 
 
+def classification_loss(logits: jax.Array, labels: jax.Array, weight: jax.Array) -> jax.Array:
+  """Mean cross-entropy of integer `labels` over the rows where `weight` is true, as HF's
+  `*ForSequenceClassification`; with one logit per row, the mean squared error (a regression)."""
+  logits = logits.astype(jnp.float32)
+  if logits.shape[-1] == 1:
+    per_row = jnp.square(logits[..., 0] - labels.astype(jnp.float32))
+  else:
+    per_row = optax.softmax_cross_entropy_with_integer_labels(logits, labels.astype(jnp.int32))
+  return _masked_mean(per_row, weight)
+
+
+def classification_accuracy(logits: jax.Array, labels: jax.Array, weight: jax.Array
+                            ) -> jax.Array:
+  """Fraction of the rows where `weight` is true whose argmax is the label; 0 if none."""
+  hits, count = _top1_hits(logits, labels, weight)
+  return hits / jnp.maximum(count, 1.0)
+
+
 def distillation_loss(student: Outputs, teacher: Outputs | None, labels: jax.Array,
                       logits_mask: jax.Array, hidden_mask: jax.Array,
                       weights: LossWeights = DEFAULT_WEIGHTS

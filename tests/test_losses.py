@@ -256,3 +256,24 @@ def test_bf16_logits_are_computed_in_fp32(data):
     # The fp32 loss of the rounded inputs, and close to that of the unrounded ones.
     _close(value, fn(s16.astype(jnp.float32), t16.astype(jnp.float32)), tol=1e-6)
     _close(value, fn(data["s"], data["t"]), tol=1e-2)
+
+
+@pytest.mark.parametrize("num_labels", [1, 3])
+def test_classification_loss_is_torchs_over_the_weighted_rows(num_labels):
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(8, num_labels)).astype(np.float32)
+  labels = (rng.normal(size=8) if num_labels == 1 else rng.integers(0, 3, 8)).astype(
+      np.float32 if num_labels == 1 else np.int32)
+  weight = np.array([1, 1, 0, 1, 1, 1, 0, 1], bool)
+  if num_labels == 1:  # HF's regression: MSELoss on the squeezed logits.
+    expected = torch.nn.functional.mse_loss(torch.tensor(logits[weight, 0]),
+                                            torch.tensor(labels[weight]))
+  else:
+    expected = torch.nn.functional.cross_entropy(torch.tensor(logits[weight]),
+                                                 torch.tensor(labels[weight]).long())
+  np.testing.assert_allclose(losses.classification_loss(logits, labels, weight),
+                             expected.item(), rtol=1e-6)
+  if num_labels > 1:
+    hits = (logits.argmax(-1) == labels)[weight]
+    assert float(losses.classification_accuracy(logits, labels, weight)) == pytest.approx(
+        hits.mean(), rel=1e-6)
