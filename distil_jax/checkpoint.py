@@ -35,6 +35,7 @@ import signal
 import socket
 import time
 import uuid
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -44,7 +45,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
-from distil_jax import errors, hosts, models
+from distil_jax import errors, hf, hosts, models
 
 PyTree = Any
 
@@ -394,6 +395,37 @@ class WorkdirLock:
       self.path.write_text(text)
 
 
+@contextlib.contextmanager
+def locked(workdirs: Sequence[epath.Path]) -> Iterator[list[WorkdirLock]]:
+  """Holds the lock of every workdir (taken by process 0, the answer shared) for the block.
+
+  On several hosts, a workdir that is not the same directory on every host is refused."""
+  locks = [WorkdirLock(w) for w in workdirs]
+
+  def acquire() -> None:
+    for lock in locks:
+      lock.acquire()
+  try:
+    hosts.decide(acquire)
+    _check_shared(locks[0])
+    yield locks
+  finally:
+    if hosts.is_main():
+      for lock in locks:
+        lock.release()
+
+
+def _check_shared(lock: WorkdirLock) -> None:
+  if jax.process_count() == 1:
+    return
+  token = hosts.share(json.loads(lock.path.read_text())["token"] if hosts.is_main() else None)
+  seen = lock.path.exists() and json.loads(lock.path.read_text()).get("token") == token
+  if not hosts.all_true(seen):
+    raise errors.ConfigError(
+        f"{lock.path.parent} is not the same directory on every host: give a --workdir that "
+        "all hosts share (gs://BUCKET/... or a shared file system)")
+
+
 def write_config(workdir: epath.PathLike, config: dict[str, Any]) -> None:
   """Writes the resolved config to `workdir/config.json` (from process 0)."""
   if jax.process_index() == 0:
@@ -416,18 +448,34 @@ def read_config(workdir: epath.PathLike) -> dict[str, Any]:
 
 
 def write_model(workdir: epath.PathLike, config: models.ModelConfig,
-                tokenizer_dir: epath.PathLike) -> None:
-  """Records what `read_model` needs to rebuild the trained model (from process 0)."""
+                tokenizer_dir: epath.PathLike, **extra: Any) -> None:
+  """Records what `read_model` needs to rebuild the trained model (from process 0), and `extra`
+  facts for the commands that read it (a fine-tuned classifier's task and labels)."""
   if jax.process_index() == 0:
-    description = {"model": dataclasses.asdict(config), "tokenizer_dir": str(tokenizer_dir)}
+    description = {"model": dataclasses.asdict(config), "tokenizer_dir": str(tokenizer_dir),
+                   **extra}
     (epath.Path(workdir) / "model.json").write_text(json.dumps(description, indent=2) + "\n")
 
 
-def read_model(workdir: epath.PathLike) -> tuple[models.ModelConfig, str]:
-  """(model config, tokenizer directory) of the run in `workdir`."""
+def read_model(workdir: epath.PathLike) -> tuple[models.ModelConfig, str, dict[str, Any]]:
+  """(model config, tokenizer directory, the other facts `write_model` recorded) of the run in
+  `workdir`."""
   path = epath.Path(workdir) / "model.json"
   if not path.exists():
     raise CheckpointError(f"{path} does not exist; pass the --workdir of a distil_jax run that "
                           "has started training")
   description = json.loads(path.read_text())
-  return models.ModelConfig(**description["model"]), description["tokenizer_dir"]
+  config = models.ModelConfig(**description.pop("model"))
+  return config, description.pop("tokenizer_dir"), description
+
+
+def model_directory(name: epath.PathLike) -> epath.Path:
+  """A HF directory: `name` itself, a local or gs:// one, the export of the workdir `name`, or
+  the download of a hub name."""
+  path = epath.Path(name).expanduser()
+  if (path / "export" / "config.json").exists():
+    return path / "export"
+  if (path / "model.json").exists():  # A workdir that has not exported (yet).
+    raise errors.MissingInput(f"{path} is a workdir without an export: run "
+                              f"`python -m distil_jax.export --workdir={path} --out=DIR` first")
+  return hf.resolve(name)

@@ -22,7 +22,7 @@ import jax
 from absl import app, flags, logging
 from etils import epath
 
-from distil_jax import cli, data, errors, hf, models, sharding, step, train
+from distil_jax import checkpoint, cli, data, errors, hf, models, sharding, step, train
 
 _MODEL = flags.DEFINE_string("model", None, "The model: HF directory, hub name, or workdir.")
 _TEACHER = flags.DEFINE_string("teacher", None, "A teacher to compare with (the same forms).")
@@ -38,21 +38,10 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                            "Weights and compute of the models (softmax and norms stay float32).")
 
 
-def model_directory(name: str) -> epath.Path:
-  """A HF directory: `name` itself, a workdir's export, or a hub name's download."""
-  path = epath.Path(name).expanduser()
-  if (path / "export" / "config.json").exists():
-    return path / "export"
-  if (path / "checkpoints").exists():
-    raise errors.MissingInput(f"{path} is a workdir without an export: run "
-                              f"`python -m distil_jax.export --workdir={path} --out=DIR` first")
-  return epath.Path(hf.resolve(name))
-
-
 def load_mlm(name: str, dtype: str = "float32") -> tuple[models.ModelConfig, dict, epath.Path]:
   """(config, params, directory) of an MLM checkpoint, weights and compute in `dtype`; an encoder
   without MLM head is refused."""
-  directory = model_directory(name)
+  directory = checkpoint.model_directory(name)
   if not hf.has_mlm_head(directory):
     raise errors.ConfigError(f"{directory} has no MLM head (an encoder checkpoint): evaluate a "
                              "masked-LM checkpoint, e.g. one adapted by experiments/teacher_mlm.py")

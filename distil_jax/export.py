@@ -22,7 +22,7 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace the model in a non-e
 def export_checkpoint(workdir: epath.PathLike, out: epath.PathLike, step: int | None = None,
                       overwrite: bool = False) -> epath.Path:
   """Writes the model of `step` of the run in `workdir` to `out`; returns `out`."""
-  config, tokenizer_dir = checkpoint.read_model(workdir)
+  config, tokenizer_dir, _ = checkpoint.read_model(workdir)
   source = str(storage.absolute(workdir))
   hf.check_export_dir(out, source, overwrite)  # Before the slow restore.
   with checkpoint.Checkpointer(workdir, save_every_steps=1, keep_last=1,

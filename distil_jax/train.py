@@ -219,7 +219,7 @@ def check_model(workdir: epath.Path, model_config: models.ModelConfig) -> None:
   """Refuses a workdir whose checkpoints hold a model of another shape."""
   if not (workdir / "model.json").exists():
     return
-  saved, _ = checkpoint.read_model(workdir)
+  saved, _, _ = checkpoint.read_model(workdir)
   shape = lambda c: dataclasses.replace(c, dtype="", param_dtype="", hidden_dropout=0,
                                         attention_dropout=0)
   if shape(saved) != shape(model_config):
@@ -248,32 +248,9 @@ def run(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[epath.P
     raise errors.ConfigError(
         "runs trained together must differ only in " + ", ".join(FUSABLE_KEYS))
   workdirs = [storage.absolute(w) for w in workdirs]
-  locks = [checkpoint.WorkdirLock(w) for w in workdirs]
-
-  def acquire() -> None:
-    for lock in locks:
-      lock.acquire()
-  try:
-    hosts.decide(acquire)
-    _check_shared(locks[0])
+  with checkpoint.locked(workdirs) as locks:
     return _train(configs, workdirs, list(names) if names else [""] * len(configs), locks,
                   allow_config_change, resume_step)
-  finally:
-    if hosts.is_main():
-      for lock in locks:
-        lock.release()
-
-
-def _check_shared(lock: checkpoint.WorkdirLock) -> None:
-  """On several hosts, refuses a workdir that is not the same directory on every host."""
-  if jax.process_count() == 1:
-    return
-  token = hosts.share(json.loads(lock.path.read_text())["token"] if hosts.is_main() else None)
-  seen = lock.path.exists() and json.loads(lock.path.read_text()).get("token") == token
-  if not hosts.all_true(seen):
-    raise errors.ConfigError(
-        f"{lock.path.parent} is not the same directory on every host: give a --workdir that "
-        "all hosts share (gs://BUCKET/... or a shared file system)")
 
 
 def _train(configs, workdirs, names, locks, allow_config_change, resume_step

@@ -59,7 +59,7 @@ def test_the_command_on_a_workdir_and_its_errors(constant_model, tmp_path):
   assert result["student_accuracy"] == 1.0 and result["text"] == str(tmp_path / "text.txt")
   with pytest.raises(errors.UserError, match="has no MLM head"):
     evaluate.load_mlm(str(resources.minilm_dir()))
-  (tmp_path / "run" / "checkpoints").mkdir()
+  (tmp_path / "run" / "model.json").write_text("{}")
   (tmp_path / "run" / "export" / "config.json").unlink()
   with pytest.raises(errors.UserError, match="is a workdir without an export"):
     evaluate.load_mlm(str(tmp_path / "run"))
