@@ -332,7 +332,7 @@ def _train(configs, workdirs, names, locks, allow_config_change, resume_step
   # ---------------------------------------------------------------- Resume.
   ckpts = [checkpoint.Checkpointer(w, save_every_steps=config.checkpoint_every_steps,
                                    keep_last=config.keep_checkpoints) for w in workdirs]
-  first_step, restored = _restore(ckpts, state, one_run, num_runs, resume_step)
+  first_step, restored = restore(ckpts, state, one_run, num_runs, resume_step)
   if restored:
     states = [s for s, _ in restored]
     state = states[0] if num_runs == 1 else points.put_back(
@@ -421,7 +421,7 @@ def _train(configs, workdirs, names, locks, allow_config_change, resume_step
   return eval_metrics
 
 
-def _restore(ckpts: Sequence[checkpoint.Checkpointer], state, one_run, num_runs: int,
+def restore(ckpts: Sequence[checkpoint.Checkpointer], state, one_run, num_runs: int,
              resume_step: int | None):
   """(step, [(state, data state) per run]) of the latest step that every run saved and every
   process reads back, or of `resume_step`; (0, None) for none.
