@@ -1,7 +1,7 @@
 r"""Held-out masked-LM evaluation of any BERT or DistilBERT MLM, as it is usually reported.
 
   python -m distil_jax.evaluate --model=HF_DIR_OR_WORKDIR [--teacher=HF_DIR_OR_WORKDIR] \
-      [--text=GLOB] [--out=RESULT.json]
+      [--text=GLOB] [--json_out=RESULT.json]
 
 15% of the real non-special tokens of every sequence (chosen uniformly, at positions fixed by the
 text alone) are replaced by [MASK] and predicted: top-1 accuracy and perplexity (exp of the mean
@@ -33,7 +33,7 @@ _PACK = flags.DEFINE_bool("pack", True, "Fill sequences with consecutive documen
 _EVAL_EXAMPLES = flags.DEFINE_integer("eval_examples", 500, "Held-out documents (default text).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Sequences per batch.")
 _DATA_DIR = flags.DEFINE_string("data_dir", "~/.cache/distil_jax", "Token-id caches.")
-_OUT = flags.DEFINE_string("out", None, "Also write the metrics to this JSON file.")
+_JSON_OUT = flags.DEFINE_string("json_out", None, "Also write the metrics to this JSON file.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                            "Weights and compute of the models (softmax and norms stay float32).")
 
@@ -104,8 +104,8 @@ def main(argv) -> None:
             "max_len": config.max_len, "pack": config.pack, **metrics}
   logging.info("%s", " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
   print(json.dumps(result, indent=2))
-  if _OUT.value:
-    epath.Path(_OUT.value).write_text(json.dumps(result, indent=2) + "\n")
+  if _JSON_OUT.value:
+    epath.Path(_JSON_OUT.value).write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

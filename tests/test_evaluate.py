@@ -53,7 +53,7 @@ def test_the_command_on_a_workdir_and_its_errors(constant_model, tmp_path):
   (tmp_path / "text.txt").write_text(" ".join(["the"] * 100) + "\n")
   command = [sys.executable, "-m", "distil_jax.evaluate", f"--model={tmp_path / 'run'}",
              f"--text={tmp_path / 'text.txt'}", f"--data_dir={tmp_path / 'data'}",
-             f"--out={tmp_path / 'result.json'}"]
+             f"--json_out={tmp_path / 'result.json'}"]
   subprocess.run(command, cwd=runs.ROOT, check=True, capture_output=True, timeout=300)
   result = json.loads((tmp_path / "result.json").read_text())
   assert result["student_accuracy"] == 1.0 and result["text"] == str(tmp_path / "text.txt")
