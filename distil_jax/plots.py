@@ -9,7 +9,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from distil_jax.results import SEED, TEMPERATURE, Point, ordered, setting, spread
+from distil_jax.results import SEEDS, TEMPERATURE, Point, ordered, setting, spread
 
 ACCURACY = "held-out masked-token accuracy (%)"
 _SHORT = {"temperature": "T", "alpha_ce": "α_ce", "alpha_mlm": "α_mlm", "alpha_cos": "α_cos",
@@ -143,7 +143,7 @@ def learning_curves(points: Sequence[Point], keys: Sequence[str], path: pathlib.
   figure.supxlabel("training step")
   figure.supylabel(ACCURACY)
   figure.suptitle("Learning curves: held-out student accuracy"
-                  + (" (seeds share a colour)" if SEED in keys else ""))
+                  + (" (seeds share a colour)" if set(SEEDS) & set(keys) else ""))
   figure.savefig(path)
 
 

@@ -130,7 +130,7 @@ def write_figures(points: Sequence[Point], keys: Sequence[str], out: pathlib.Pat
   if any(len(p.evals) > 1 for p in points):
     plots.learning_curves(points, keys, out / "learning_curves.png")
     figures.append(("Learning curves", "learning_curves.png"))
-  if len(groups) > 1 and set(keys) - {TEMPERATURE, results.SEED}:
+  if len(groups) > 1 and set(keys) - {TEMPERATURE, *results.SEEDS}:
     plots.final_accuracy(groups, teacher, out / "final_accuracy.png")
     figures.append(("Final student accuracy per setting", "final_accuracy.png"))
   return figures

@@ -20,6 +20,7 @@ from distil_jax import errors
 METRICS = ("student_accuracy", "teacher_accuracy", "student_perplexity", "teacher_perplexity",
            "accuracy_ratio_pct", "agreement", "kl_t1")
 SEED = "seed"
+SEEDS = (SEED, "data.seed")  # Keys that only draw another sample of the same setting.
 TEMPERATURE = "distill.temperature"
 
 
@@ -172,8 +173,9 @@ def varying_keys(points: Sequence[Point]) -> list[str]:
 
 
 def setting(point: Point, keys: Sequence[str]) -> tuple:
-  """The point's values of `keys`, except the seed: points that differ only in seed share it."""
-  return tuple((k, point.values.get(k)) for k in keys if k != SEED)
+  """The point's values of `keys`, except the seeds: points that differ only in their seeds
+  (`seed`, `data.seed`) share it."""
+  return tuple((k, point.values.get(k)) for k in keys if k not in SEEDS)
 
 
 def ordered(points: Sequence[Point], keys: Sequence[str]) -> list[Point]:
