@@ -7,9 +7,14 @@ import sys
 
 import jax
 from absl import app, flags, logging
+from ml_collections import config_flags
 
 from distil_jax import errors
 
+# Flags the commands share (defined once, so that every command imports beside the others).
+CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file "
+                                         "(experiments/NAME.py).", lock_config=True)
+WORKDIR = flags.DEFINE_string("workdir", None, "The run's directory, local or gs://.")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Start JAX's multi-host runtime (jax.distributed.initialize()) first: "
     "auto-detected on TPU VMs, or given by --coordinator_address, --num_processes, --process_id.")

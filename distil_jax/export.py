@@ -17,7 +17,6 @@ from etils import epath
 
 from distil_jax import checkpoint, cli, errors, hf, storage
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a distil_jax.main run.")
 _OUT = flags.DEFINE_string("out", None, "Output HuggingFace directory.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default: the latest.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace the model in a non-empty --out.")
@@ -67,9 +66,9 @@ def _restore(workdir: epath.PathLike, step: int | None):
 
 def main(argv) -> None:
   del argv
-  if not (_WORKDIR.value and _OUT.value):
+  if not (cli.WORKDIR.value and _OUT.value):
     raise app.UsageError("--workdir and --out are required")
-  print(export_checkpoint(_WORKDIR.value, _OUT.value, _STEP.value, _OVERWRITE.value,
+  print(export_checkpoint(cli.WORKDIR.value, _OUT.value, _STEP.value, _OVERWRITE.value,
                           _SEED.value))
 
 

@@ -9,30 +9,25 @@ alters the run's trajectory is refused unless --allow_config_change. The train l
 `distil_jax.train.run`.
 """
 
-from absl import app, flags
+from absl import app
 from etils import epath
-from ml_collections import config_flags
 
 from distil_jax import cli, train
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and exports.")
 
 
 def main(argv) -> None:
   del argv
   cli.start()
-  if _WORKDIR.value is None:
+  if cli.WORKDIR.value is None:
     raise app.UsageError("--workdir is required: the directory for checkpoints and exports")
-  config = _CONFIG.value
+  config = cli.CONFIG.value
   if config is None:
-    if not (epath.Path(_WORKDIR.value) / "config.json").exists():
+    if not (epath.Path(cli.WORKDIR.value) / "config.json").exists():
       raise app.UsageError("--config is required to start a run (e.g. "
                            "--config=experiments/tiny.py); only a workdir that holds a run "
                            "resumes without it")
-    config = train.saved_config(_WORKDIR.value)
-  train.run([config], [_WORKDIR.value], allow_config_change=cli.ALLOW_CONFIG_CHANGE.value,
+    config = train.saved_config(cli.WORKDIR.value)
+  train.run([config], [cli.WORKDIR.value], allow_config_change=cli.ALLOW_CONFIG_CHANGE.value,
             resume_step=cli.RESUME_STEP.value)
 
 

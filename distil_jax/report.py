@@ -1,9 +1,9 @@
 r"""Tables and figures of the final held-out metrics of a sweep, or of several runs.
 
-  python -m distil_jax.report DIR [RUN_DIR ...] [--out=DIR]
+  python -m distil_jax.report DIR [RUN_DIR ...] [--out_dir=DIR]
 
 Each argument is a sweep workdir (with sweep.json) or the workdir of a `distil_jax.main` run.
-Writes to --out (default: the first argument) report.md (a table of every run's final metrics,
+Writes to --out_dir (default: the first argument) report.md (a table of every run's final metrics,
 the mean over seeds of each setting, the figures), report.csv (a row per run: every override and
 every final metric) and the PNG figures that apply: accuracy_vs_temperature.png,
 learning_curves.png, final_accuracy.png. Unfinished runs are listed and marked, and left out of
@@ -20,7 +20,7 @@ from absl import app, flags
 from distil_jax import cli, plots, results
 from distil_jax.results import METRICS, TEMPERATURE, Point
 
-_OUT = flags.DEFINE_string("out", None, "Output directory; default: the first argument.")
+_OUT = flags.DEFINE_string("out_dir", None, "Output directory; default: the first argument.")
 
 # Metric -> (column header, number format).
 _COLUMNS = {"student_accuracy": ("student acc", ".4f"), "teacher_accuracy": ("teacher acc", ".4f"),

@@ -32,10 +32,6 @@ from ml_collections import config_flags
 
 from distil_jax import checkpoint, cli, errors, train
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory: sweep.json and one workdir "
-                               "per point.")
 _SWEEP = flags.DEFINE_multi_string("sweep", [], "KEY=V1,V2,...: values of a config key; "
                                    "repeated flags form a grid.")
 _MODE = flags.DEFINE_enum("mode", "fused", ["fused", "separate"],
@@ -269,9 +265,9 @@ def sweep(base: ml_collections.ConfigDict, grid: list[dict[str, Any]], directory
 def main(argv) -> None:
   del argv
   cli.start()
-  if _WORKDIR.value is None:
+  if cli.WORKDIR.value is None:
     raise app.UsageError("--workdir is required: the sweep's directory")
-  base = _CONFIG.value
+  base = cli.CONFIG.value
   grid = (parse_sweeps(base, _SWEEP.value) if _SWEEP.value
           else experiment_points(config_flags.get_config_filename(flags.FLAGS["config"])))
   if grid is None:
@@ -282,7 +278,7 @@ def main(argv) -> None:
       print(json.dumps({"group": index, "points": [
           {"overrides": p.overrides, "workdir": p.workdir} for p in members]}, default=str))
     return
-  sweep(base, grid, _WORKDIR.value, _MODE.value, _GROUP.value, cli.ALLOW_CONFIG_CHANGE.value)
+  sweep(base, grid, cli.WORKDIR.value, _MODE.value, _GROUP.value, cli.ALLOW_CONFIG_CHANGE.value)
 
 
 if __name__ == "__main__":

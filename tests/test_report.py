@@ -194,7 +194,7 @@ def test_two_run_workdirs_as_arguments(tmp_path):
   distill_rows, mlm_rows = _rows(rng, (0, 20, 40, 60)), _rows(rng, (0, 20, 40, 60), teacher=False)
   _write_run(distill, _config(2.0, 5.0, 0), distill_rows)
   _write_run(mlm, _config(2.0, 5.0, 0, mode="mlm"), mlm_rows)
-  result = _command(distill, mlm, f"--out={tmp_path / 'out'}")
+  result = _command(distill, mlm, f"--out_dir={tmp_path / 'out'}")
   assert result.returncode == 0, result.stderr[-3000:]
   text = (tmp_path / "out" / "report.md").read_text()
   tables = _tables(text)
