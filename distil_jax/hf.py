@@ -1,6 +1,7 @@
 """HuggingFace <-> Flax: load BERT/DistilBERT checkpoints, export BERT/DistilBERT directories.
 
-One name table maps our parameter paths to both HuggingFace layouts. Reading and writing use
+Masked-LM models (`models.Encoder`) and sequence classifiers (`models.Classifier`) both. One
+name table maps our parameter paths to both HuggingFace layouts. Reading and writing use
 safetensors and numpy only; torch is needed only to read a legacy `pytorch_model.bin`.
 Directories may be local or gs:// (etils.epath).
 """
@@ -9,6 +10,7 @@ import functools
 import json
 import os
 import pickle
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -22,12 +24,21 @@ from flax import traverse_util
 from distil_jax import errors, models, storage
 
 _TOKENIZER_FILES = ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
+# Our heads on the encoder (Encoder's and Classifier's), and the HuggingFace names outside the
+# model's "bert."/"distilbert." prefix.
+_HEADS = ("mlm_head", "head")
+_UNPREFIXED = ("cls.", "vocab_", "pre_classifier.", "classifier.")
 
 
-def _name_table(config: models.ModelConfig, layout: str) -> dict[tuple[str, ...], str]:
-  """Our parameter path -> its HuggingFace name, for layout "bert" or "distilbert"."""
+def _name_table(config: models.ModelConfig, layout: str, num_labels: int | None = None
+                ) -> dict[tuple[str, ...], str]:
+  """Our parameter path -> its HuggingFace name, for layout "bert" or "distilbert": of the
+  Encoder (MLM model), or with `num_labels` of the Classifier."""
   bert = layout == "bert"
   modules = {
+      "pooler": "pooler.dense",
+      "pre_classifier": "pre_classifier",
+      "classifier": "classifier",
       "embeddings/word_embeddings": "embeddings.word_embeddings",
       "embeddings/position_embeddings": "embeddings.position_embeddings",
       "embeddings/norm": "embeddings.LayerNorm",
@@ -52,18 +63,26 @@ def _name_table(config: models.ModelConfig, layout: str) -> dict[tuple[str, ...]
   prefix = "bert." if bert else "distilbert."
   leaves = {"embedding": "weight", "kernel": "weight", "scale": "weight", "bias": "bias"}
   table = {}
-  for path, _ in traverse_util.flatten_dict(models.abstract_params(config)).items():
-    module, leaf = "/".join(path[:-1]), path[-1]
+  for path in traverse_util.flatten_dict(models.abstract_params(config, num_labels)):
+    module = "/".join(path[1:-1] if path[0] in ("encoder", "head") else path[:-1])
     if module in modules:
-      name = modules[module]
-      name = name if name.startswith(("cls.", "vocab_")) else prefix + name
-      table[path] = f"{name}.{leaves[leaf]}"
-  table["mlm_head", "bias"] = "cls.predictions.bias" if bert else "vocab_projector.bias"
+      name = f"{modules[module]}.{leaves[path[-1]]}"
+      table[path] = name if name.startswith(_UNPREFIXED) else prefix + name
+  if num_labels is None:
+    table["mlm_head", "bias"] = "cls.predictions.bias" if bert else "vocab_projector.bias"
   return table
 
 
-def _mlm_head_names(config: models.ModelConfig, layout: str) -> set[str]:
-  return {name for path, name in _name_table(config, layout).items() if path[0] == "mlm_head"}
+def _head_names(config: models.ModelConfig, layout: str, num_labels: int | None = None
+                ) -> set[str]:
+  """HuggingFace names of the heads: the MLM head, or with `num_labels` the classifier's."""
+  return {name for path, name in _name_table(config, layout, num_labels).items()
+          if path[0] in _HEADS}
+
+
+def _num_labels(params: dict) -> int | None:
+  """The classifier's number of labels, or None for an Encoder's parameters."""
+  return None if "head" not in params else int(np.shape(params["head"]["classifier"]["bias"])[0])
 
 
 def _to_torch_layout(path: tuple[str, ...], x: np.ndarray) -> np.ndarray:
@@ -75,10 +94,11 @@ def _to_torch_layout(path: tuple[str, ...], x: np.ndarray) -> np.ndarray:
 
 
 def to_hf_state_dict(config: models.ModelConfig, params: dict, layout: str) -> dict:
-  """Flax params -> a HuggingFace state dict (numpy, float32) in `layout` "bert"/"distilbert"."""
+  """Flax params (an Encoder's or a Classifier's) -> a HuggingFace state dict (numpy, float32) in
+  `layout` "bert"/"distilbert"."""
   flat = traverse_util.flatten_dict(params)
   return {name: np.ascontiguousarray(_to_torch_layout(path, np.asarray(flat[path], np.float32)))
-          for path, name in _name_table(config, layout).items()}
+          for path, name in _name_table(config, layout, _num_labels(params)).items()}
 
 
 def read_config(directory: epath.PathLike) -> tuple[models.ModelConfig, str]:
@@ -161,12 +181,11 @@ def _first_line(e: BaseException) -> str:
 def _canonical_names(state: dict, layout: str) -> dict:
   """Old BERT checkpoints name LayerNorm params gamma/beta and may lack the model prefix."""
   prefix = "bert." if layout == "bert" else "distilbert."
-  heads = ("cls.", "vocab_")
   out = {}
   for name, x in state.items():
     name = name.replace("LayerNorm.gamma", "LayerNorm.weight").replace(
         "LayerNorm.beta", "LayerNorm.bias")
-    if not name.startswith((prefix, *heads)):
+    if not name.startswith((prefix, *_UNPREFIXED)):
       name = prefix + name
     out[name] = x
   if "cls.predictions.decoder.bias" in out and "cls.predictions.bias" not in out:
@@ -175,17 +194,29 @@ def _canonical_names(state: dict, layout: str) -> dict:
 
 
 def from_hf_state_dict(config: models.ModelConfig, state: dict, layout: str, *,
-                       source: str = "checkpoint", seed: int = 0) -> dict:
-  """A HuggingFace state dict -> Flax params. A missing MLM head is freshly initialised."""
-  table = _name_table(config, layout)
-  shapes = traverse_util.flatten_dict(nn.meta.unbox(models.abstract_params(config)))
+                       num_labels: int | None = None, source: str = "checkpoint",
+                       seed: int = 0) -> dict:
+  """A HuggingFace state dict -> Flax params of the Encoder, or with `num_labels` of the
+  Classifier (any head weights in `state` are used, e.g. BERT's pre-trained pooler). Heads the
+  checkpoint lacks are newly initialised (seeded by `seed`), said in one line."""
+  table = _name_table(config, layout, num_labels)
+  shapes = traverse_util.flatten_dict(nn.meta.unbox(models.abstract_params(config, num_labels)))
   missing = sorted(name for name in table.values() if name not in state)
   flat = {}
-  if missing and set(missing) == _mlm_head_names(config, layout):
-    logging.warning("%s has no MLM head (a %s encoder checkpoint): the MLM head is newly "
-                    "initialised; adapt it by MLM training (experiments/teacher_mlm.py) "
-                    "before distilling.", source, layout)
-    fresh = models.init_params(config, seed)
+  head = _head_names(config, layout, num_labels)
+  # A masked LM's head is new only when all of it is missing (else the checkpoint is partial);
+  # a classifier takes what it finds (BERT's pre-trained pooler) and initialises the rest.
+  if missing and (set(missing) == head if num_labels is None else set(missing) <= head):
+    if num_labels is None:
+      logging.warning("%s has no MLM head (a %s encoder checkpoint): the MLM head is newly "
+                      "initialised; adapt it by MLM training (experiments/teacher_mlm.py) "
+                      "before distilling.", source, layout)
+    else:
+      new = sorted({path[1] for path, name in table.items() if name in missing})
+      logging.warning("%s has no %s weights: newly initialised (seed %d) for %d labels.",
+                      source, " or ".join(new), seed, num_labels)
+    fresh = (models.init_params(config, seed) if num_labels is None
+             else {"head": models.init_head(config, num_labels, seed)})
     flat = {path: np.asarray(x) for path, x in traverse_util.flatten_dict(fresh).items()}
   elif missing:
     raise errors.ConfigError(
@@ -196,6 +227,10 @@ def from_hf_state_dict(config: models.ModelConfig, state: dict, layout: str, *,
     if name not in state:
       continue
     expected = jax.eval_shape(functools.partial(_to_torch_layout, path), shapes[path]).shape
+    if state[name].shape != expected and path[:2] == ("head", "classifier"):
+      raise errors.ConfigError(
+          f"{source}: {name} has shape {state[name].shape}, {num_labels} labels "
+          f"need {expected}: fine-tune from a checkpoint without this classifier")
     if state[name].shape != expected:
       raise errors.ConfigError(
           f"{source}: {name} has shape {state[name].shape}, config.json implies "
@@ -235,37 +270,55 @@ def has_mlm_head(path_or_name: str | os.PathLike) -> bool:
         names.update(dict.fromkeys(f.keys()))
   else:
     names = _read_weights(directory)
-  return _mlm_head_names(config, layout) <= set(_canonical_names(names, layout))
+  return _head_names(config, layout) <= set(_canonical_names(names, layout))
 
 
-def load_bert(path_or_name: str | os.PathLike, seed: int = 0
+def load_bert(path_or_name: str | os.PathLike, seed: int = 0, num_labels: int | None = None
               ) -> tuple[models.ModelConfig, dict]:
   """Loads a BERT (or DistilBERT) checkpoint: a local HF directory or a hub name.
 
-  Returns (config, params) with numpy float32 params in our layout. A checkpoint without an MLM
-  head (e.g. `BertModel`) gets a freshly initialised head (seeded by `seed`), said in one line.
+  Returns (config, params) with numpy float32 params in our layout: the Encoder's (MLM model),
+  or with `num_labels` the Classifier's. Any checkpoint (masked LM, `BertModel`, pre-training or
+  sequence classification) loads either way; heads it lacks are freshly initialised (seeded by
+  `seed`), said in one line. A classifier for another number of labels is refused.
   """
   directory = resolve(path_or_name)
   config, layout = read_config(directory)
   state = _canonical_names(_read_weights(directory), layout)
-  return config, from_hf_state_dict(config, state, layout, source=str(directory), seed=seed)
+  return config, from_hf_state_dict(config, state, layout, num_labels=num_labels,
+                                    source=str(directory), seed=seed)
 
 
-def _hf_config(config: models.ModelConfig) -> dict:
+def _classifier_config(num_labels: int, label_names: Sequence[str]) -> dict:
+  """HuggingFace's label fields of a sequence classifier (`num_labels=1` is a regression)."""
+  if label_names and len(label_names) != num_labels:
+    raise errors.ConfigError(
+        f"{len(label_names)} label names {tuple(label_names)} for a classifier with "
+        f"{num_labels} labels: pass one name per label, or none")
+  names = list(label_names) or [f"LABEL_{i}" for i in range(num_labels)]
+  return {"id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)},
+          "problem_type": "regression" if num_labels == 1 else "single_label_classification"}
+
+
+def _hf_config(config: models.ModelConfig, num_labels: int | None = None,
+               label_names: Sequence[str] = ()) -> dict:
+  """config.json of a masked LM, or with `num_labels` of a sequence classifier."""
+  task = "MaskedLM" if num_labels is None else "SequenceClassification"
+  labels = {} if num_labels is None else _classifier_config(num_labels, label_names)
   if config.is_distilbert:
     if config.layer_norm_eps != 1e-12:
       raise errors.ConfigError(f"DistilBERT fixes LayerNorm eps at 1e-12, this model uses "
                                f"{config.layer_norm_eps}: export it as BERT instead")
-    return {"architectures": ["DistilBertForMaskedLM"], "model_type": "distilbert",
+    return {"architectures": [f"DistilBertFor{task}"], "model_type": "distilbert",
             "vocab_size": config.vocab_size, "dim": config.hidden_size,
             "n_layers": config.num_layers, "n_heads": config.num_heads,
             "hidden_dim": config.intermediate_size,
             "max_position_embeddings": config.max_positions, "sinusoidal_pos_embds": False,
             "dropout": config.hidden_dropout, "attention_dropout": config.attention_dropout,
             "activation": "gelu", "initializer_range": 0.02, "qa_dropout": 0.1,
-            "seq_classif_dropout": 0.2, "pad_token_id": config.pad_token_id,
-            "tie_word_embeddings": True}
-  return {"architectures": ["BertForMaskedLM"], "model_type": "bert",
+            "seq_classif_dropout": models.DISTILBERT_CLASSIFIER_DROPOUT,
+            "pad_token_id": config.pad_token_id, "tie_word_embeddings": True, **labels}
+  return {"architectures": [f"BertFor{task}"], "model_type": "bert",
           "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
           "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_heads,
           "intermediate_size": config.intermediate_size, "hidden_act": "gelu",
@@ -274,7 +327,7 @@ def _hf_config(config: models.ModelConfig) -> dict:
           "hidden_dropout_prob": config.hidden_dropout,
           "attention_probs_dropout_prob": config.attention_dropout, "initializer_range": 0.02,
           "position_embedding_type": "absolute", "pad_token_id": config.pad_token_id,
-          "tie_word_embeddings": True}
+          "classifier_dropout": None, "tie_word_embeddings": True, **labels}
 
 
 def copy_tokenizer(tokenizer_dir: epath.PathLike, out_dir: epath.PathLike) -> None:
@@ -298,10 +351,13 @@ EXPORT_MARK = "distil_jax_export.json"  # Says which run an export directory cam
 
 
 def export_hf(config: models.ModelConfig, params: dict, out_dir: str | os.PathLike,
-              tokenizer_dir: str | os.PathLike | None = None, *, source: str = "",
+              tokenizer_dir: str | os.PathLike | None = None,
+              label_names: Sequence[str] = (), *, source: str = "",
               overwrite: bool = False) -> epath.Path:
   """Writes a HuggingFace directory: DistilBertForMaskedLM for a student, BertForMaskedLM for a
-  BERT. No torch needed.
+  BERT; for a Classifier's params DistilBertForSequenceClassification or
+  BertForSequenceClassification, its classes named `label_names` (default LABEL_0, ...; one
+  label is a regression). No torch needed.
 
   `out_dir` must be empty or absent, or hold an earlier export of the same `source` (the run's
   workdir, recorded in the directory): anything else is refused unless `overwrite`.
@@ -309,12 +365,13 @@ def export_hf(config: models.ModelConfig, params: dict, out_dir: str | os.PathLi
   out = epath.Path(out_dir)
   check_export_dir(out, source, overwrite)
   weights = out / "model.safetensors"
+  hf_config = _hf_config(config, _num_labels(params), label_names)
   out.mkdir(parents=True, exist_ok=True)
   (out / EXPORT_MARK).write_text(json.dumps({"source": source}) + "\n")
   layout = "distilbert" if config.is_distilbert else "bert"
   weights.write_bytes(safetensors.numpy.save(to_hf_state_dict(config, params, layout),
                                              metadata={"format": "pt"}))
-  (out / "config.json").write_text(json.dumps(_hf_config(config), indent=2) + "\n")
+  (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
   if tokenizer_dir is not None:
     copy_tokenizer(tokenizer_dir, out)
   return out

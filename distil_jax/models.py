@@ -1,12 +1,15 @@
 """The transformer encoder: BERT (teacher) and DistilBERT (student) from one Flax module.
 
 Both are post-LayerNorm encoders with exact (erf) GELU and a tied MLM head, as in HuggingFace.
-A config with `type_vocab_size=0` is a DistilBERT: no token-type embeddings (there is never a
-pooler). Every parameter carries logical axis names (`vocab`, `embed`, `mlp`, `heads`, `kv`) so
-that `distil_jax.sharding` maps them onto a device mesh by rules.
+A config with `type_vocab_size=0` is a DistilBERT: no token-type embeddings. `Classifier` puts
+HuggingFace's sequence-classification head on the same encoder (BERT: pooler + classifier;
+DistilBERT: pre_classifier + classifier) instead of the MLM head. Every parameter carries
+logical axis names (`vocab`, `embed`, `mlp`, `heads`, `kv`) so that `distil_jax.sharding` maps
+them onto a device mesh by rules.
 """
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -65,6 +68,10 @@ PRESETS = {
                                            num_heads=12, intermediate_size=3072,
                                            type_vocab_size=0),
 }
+
+# HuggingFace's `seq_classif_dropout` default: DistilBERT's classifier dropout (BERT's is the
+# hidden dropout).
+DISTILBERT_CLASSIFIER_DROPOUT = 0.2
 
 
 class EncoderOutput(NamedTuple):
@@ -195,9 +202,9 @@ class Encoder(nn.Module):
                    for i in range(self.config.num_layers)]
     self.mlm_head = MlmHead(self.config)
 
-  def __call__(self, input_ids: Array, attention_mask: Array, token_type_ids: Array | None = None,
-               *, logit_positions: Array | None = None, deterministic: bool = True
-               ) -> EncoderOutput:
+  def encode(self, input_ids: Array, attention_mask: Array, token_type_ids: Array | None = None,
+             *, deterministic: bool = True) -> tuple[Array, ...]:
+    """The output of the embeddings and of every layer, without the MLM head."""
     pin = lambda y: y if self.activation_sharding is None else jax.lax.with_sharding_constraint(
         y, self.activation_sharding)
     x = pin(self.embeddings(input_ids, token_type_ids, deterministic))
@@ -205,22 +212,105 @@ class Encoder(nn.Module):
     for layer in self.layers:
       x = pin(layer(x, attention_mask, deterministic))
       hidden_states.append(x)
+    return tuple(hidden_states)
+
+  def __call__(self, input_ids: Array, attention_mask: Array, token_type_ids: Array | None = None,
+               *, logit_positions: Array | None = None, deterministic: bool = True
+               ) -> EncoderOutput:
+    hidden_states = self.encode(input_ids, attention_mask, token_type_ids,
+                                deterministic=deterministic)
+    x = hidden_states[-1]
     if logit_positions is not None:
       x = jnp.take_along_axis(x, logit_positions[..., None], axis=1)
-    return EncoderOutput(self.mlm_head(x, self.embeddings), tuple(hidden_states))
+    return EncoderOutput(self.mlm_head(x, self.embeddings), hidden_states)
 
 
-def abstract_params(config: ModelConfig) -> dict:
-  """Shapes of the parameters, with their logical axis names (`nn.LogicallyPartitioned` leaves)."""
+class ClassifierHead(nn.Module):
+  """[CLS]'s last hidden state -> logits, as HuggingFace's heads: BERT's pooler (dense + tanh),
+  dropout, classifier; DistilBERT's pre_classifier (dense + ReLU), dropout 0.2, classifier."""
+  config: ModelConfig
+  num_labels: int
+
+  @nn.compact
+  def __call__(self, x: Array, deterministic: bool) -> Array:
+    c = self.config
+    if c.is_distilbert:
+      x = nn.relu(_dense(c, c.hidden_size, ("embed", "mlp"), "pre_classifier")(x))
+      rate = DISTILBERT_CLASSIFIER_DROPOUT
+    else:
+      x = jnp.tanh(_dense(c, c.hidden_size, ("embed", "mlp"), "pooler")(x))
+      rate = c.hidden_dropout
+    x = nn.Dropout(rate)(x, deterministic=deterministic)
+    return _dense(c, self.num_labels, ("mlp", None), "classifier")(x).astype(jnp.float32)
+
+
+class Classifier(nn.Module):
+  """Sequence classification: the encoder (no MLM head) and a `ClassifierHead` on [CLS], as
+  HuggingFace's `BertForSequenceClassification` / `DistilBertForSequenceClassification`.
+
+  Parameters: {"encoder": the Encoder's without "mlm_head", "head": {"pooler" or
+  "pre_classifier", "classifier"}}. `num_labels=1` is a regression (STS-B). Returns float32
+  logits [batch, num_labels]; a DistilBERT ignores `token_type_ids`.
+  """
+  config: ModelConfig
+  num_labels: int
+  activation_sharding: jax.sharding.Sharding | None = None
+
+  @nn.compact
+  def __call__(self, input_ids: Array, attention_mask: Array, token_type_ids: Array | None = None,
+               *, deterministic: bool = True) -> Array:
+    encoder = Encoder(self.config, self.activation_sharding, name="encoder")
+    hidden = encoder.encode(input_ids, attention_mask, token_type_ids,
+                            deterministic=deterministic)[-1]
+    return ClassifierHead(self.config, self.num_labels, name="head")(hidden[:, 0], deterministic)
+
+
+def _model(config: ModelConfig, num_labels: int | None) -> nn.Module:
+  return Encoder(config) if num_labels is None else Classifier(config, num_labels)
+
+
+def abstract_params(config: ModelConfig, num_labels: int | None = None) -> dict:
+  """Shapes of the parameters, with their logical axis names (`nn.LogicallyPartitioned` leaves):
+  the Encoder's, or with `num_labels` the Classifier's."""
   ids = jnp.zeros((1, 1), jnp.int32)
-  return jax.eval_shape(lambda: Encoder(config).init(jax.random.key(0), ids, ids))["params"]
+  return jax.eval_shape(lambda: _model(config, num_labels).init(jax.random.key(0), ids, ids)
+                        )["params"]
 
 
-def init_params(config: ModelConfig, seed: int = 0) -> dict:
-  """Randomly initialised parameters (BERT's init: normal(0.02), zero biases, unit LN scales)."""
+def init_params(config: ModelConfig, seed: int = 0, num_labels: int | None = None) -> dict:
+  """Randomly initialised parameters (BERT's init: normal(0.02), zero biases, unit LN scales) of
+  the Encoder, or with `num_labels` of the Classifier."""
+  return _random_params(config, num_labels, jax.random.key(seed))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _random_params(config: ModelConfig, num_labels: int | None, key: Array) -> dict:
   ids = jnp.zeros((1, 1), jnp.int32)
-  init = jax.jit(lambda key: nn.meta.unbox(Encoder(config).init(key, ids, ids)["params"]))
-  return init(jax.random.key(seed))
+  return nn.meta.unbox(_model(config, num_labels).init(key, ids, ids)["params"])
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _random_head(config: ModelConfig, num_labels: int, key: Array) -> dict:
+  cls = jnp.zeros((1, config.hidden_size), config.dtype)
+  return nn.meta.unbox(ClassifierHead(config, num_labels).init(key, cls, True)["params"])
+
+
+def init_head(config: ModelConfig, num_labels: int, seed: int = 0) -> dict:
+  """A new `ClassifierHead` (BERT's init), the "head" of the Classifier's parameters."""
+  return _random_head(config, num_labels, jax.random.key(seed))
+
+
+def classifier_params(config: ModelConfig, encoder_params: dict, num_labels: int,
+                      seed: int = 0) -> dict:
+  """Classifier parameters from an Encoder's (its MLM head dropped) and a new head seeded by
+  `seed`: the start of fine-tuning a model trained here (a teacher or a distilled student)."""
+  encoder = {k: v for k, v in encoder_params.items() if k != "mlm_head"}
+  expected = nn.meta.unbox(abstract_params(config, num_labels)["encoder"])
+  if jax.tree.map(np.shape, encoder) != jax.tree.map(np.shape, expected):
+    raise errors.ConfigError(
+        "the encoder parameters do not have the shapes of the model config: pass "
+        "the config they were trained with")
+  return {"encoder": encoder, "head": init_head(config, num_labels, seed)}
 
 
 def count_params(config: ModelConfig) -> int:
