@@ -10,7 +10,6 @@ import dataclasses
 import functools
 
 import jax
-import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -35,19 +34,20 @@ class ClassifyConfig:
 def _logits(config: ClassifyConfig, params: PyTree, batch: PyTree, rng: jax.Array | None):
   dropout = {} if rng is None else {"rngs": {"dropout": rng}}
   return models.Classifier(config.model, config.num_labels).apply(
-      {"params": params}, batch["input_ids"], batch["attention_mask"],
-      batch.get("token_type_ids"), deterministic=rng is None, **dropout)
+      {"params": params}, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
+      deterministic=rng is None, **dropout)
 
 
 def train_step(state: PyTree, batch: PyTree, hyper: step.Hyper, *, config: ClassifyConfig,
                tx: optax.GradientTransformation) -> tuple[PyTree, dict[str, jax.Array]]:
-  """One update of every stacked run on its own batch ([runs, batch, seq] arrays)."""
+  """One update of every stacked run on its own batch ([runs, batch, seq] arrays; "weights"
+  [runs, batch] marks the rows that count)."""
   def one_run(state, batch, hyper):
     rng = jax.random.fold_in(jax.random.key(hyper.seed), state["step"])
 
     def loss_fn(params):
-      logits = _logits(config, params["model"], batch, rng)
-      return losses.classification_loss(logits, batch["labels"], batch["weight"]), logits
+      logits = _logits(config, params, batch, rng)
+      return losses.classification_loss(logits, batch["labels"], batch["weights"]), logits
 
     (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     new_state, grad_norm, finite = step.apply_update(state, grads, hyper.lr_scale, loss, tx=tx,
@@ -55,18 +55,14 @@ def train_step(state: PyTree, batch: PyTree, hyper: step.Hyper, *, config: Class
     metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite}
     if not config.regression:
       metrics["accuracy"] = losses.classification_accuracy(logits, batch["labels"],
-                                                           batch["weight"])
+                                                           batch["weights"])
     return new_state, metrics
   return jax.vmap(one_run)(state, batch, hyper)
 
 
 def predict(params: PyTree, batch: PyTree, *, config: ClassifyConfig) -> jax.Array:
-  """Every stacked run's predictions on one shared batch: [runs, batch] labels, or values for a
-  regression."""
-  def one_run(params):
-    logits = _logits(config, params["model"], batch, None)
-    return logits[..., 0] if config.regression else jnp.argmax(logits, axis=-1)
-  return jax.vmap(one_run)(params)
+  """Every stacked run's logits [runs, batch, num_labels] on one shared batch (no dropout)."""
+  return jax.vmap(lambda p: _logits(config, p, batch, None))(params)
 
 
 def jit_steps(config: ClassifyConfig, tx: optax.GradientTransformation, mesh: Mesh,

@@ -41,9 +41,9 @@ def export_checkpoint(workdir: epath.PathLike, out: epath.PathLike, step: int | 
   hf.check_export_dir(out, source, overwrite)  # Before the slow restore.
   state = _restore(workdir, step)
   if runs:
-    params = jax.tree.map(lambda x: np.asarray(x[index]), state["params"]["model"])
-    return hf.export_classifier(config, params, facts["num_labels"], out, tokenizer_dir,
-                                labels=facts["labels"], source=source, overwrite=overwrite)
+    params = jax.tree.map(lambda x: np.asarray(x[index]), state["params"])
+    return hf.export_hf(config, params, out, tokenizer_dir, label_names=facts["labels"],
+                        source=source, overwrite=overwrite)
   return hf.export_hf(config, state["params"]["student"], out, tokenizer_dir, source=source,
                       overwrite=overwrite)
 

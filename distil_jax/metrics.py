@@ -53,28 +53,32 @@ class MetricWriter:
             flops_per_step: float, peak_flops: float) -> None:
     """Logs the train metrics of `step`, with throughput since the previous call.
 
-    `tokens` are real tokens since the previous call.
+    `tokens` are real tokens since the previous call; MFU is left out when `flops_per_step` is
+    not known (0).
     """
     now = time.perf_counter()
     if self._last is not None:
       seconds, steps = now - self._last[0] - self._excluded, step - self._last[1]
-      scalars = {**scalars, "tokens_per_s": tokens / seconds,
-                 "steps_per_s": steps / seconds,
-                 "mfu": flops_per_step * steps / seconds / (peak_flops * jax.device_count())}
+      scalars = {**scalars, "tokens_per_s": tokens / seconds, "steps_per_s": steps / seconds}
+      if flops_per_step:
+        scalars["mfu"] = flops_per_step * steps / seconds / (peak_flops * jax.device_count())
     self._last, self._excluded = (now, step), 0.0
     if not self.enabled:
       return
     self._scalars(step, "train", scalars)
     parts = " ".join(f"{k.removeprefix('loss_')}={scalars[k]:.4g}" for k in sorted(scalars)
                      if k.startswith("loss_") and k not in self.quiet)
-    line = f"{self.prefix}step {step}/{self.total_steps} loss={scalars['loss']:.4g} ({parts})"
-    line += f" acc={scalars['student_accuracy']:.3f}"
-    if "teacher_accuracy" in scalars:
-      line += f" teacher_acc={scalars['teacher_accuracy']:.3f}"
+    line = f"{self.prefix}step {step}/{self.total_steps} loss={scalars['loss']:.4g}"
+    line += f" ({parts})" if parts else ""
+    for key, label in (("student_accuracy", "acc"), ("accuracy", "acc"),
+                       ("teacher_accuracy", "teacher_acc")):
+      if key in scalars:
+        line += f" {label}={scalars[key]:.3f}"
     if "tokens_per_s" in scalars:
       eta = (self.total_steps - step) / scalars["steps_per_s"]
-      line += (f" | {scalars['tokens_per_s']:,.0f} tok/s mfu={scalars['mfu']:.1%}"
-               f" eta={_duration(eta)}")
+      line += f" | {scalars['tokens_per_s']:,.0f} tok/s"
+      line += f" mfu={scalars['mfu']:.1%}" if "mfu" in scalars else ""
+      line += f" eta={_duration(eta)}"
     logging.info("%s", line)
 
   def eval(self, step: int, scalars: dict[str, float]) -> None:

@@ -1,0 +1,233 @@
+r"""Fine-tunes a teacher or a student on a GLUE task: several seeds (and learning rates) stacked
+in one compiled program.
+
+  python -m distil_jax.finetune --config=experiments/glue.py --workdir=DIR \
+      --config.task=sst2 --config.init=HF_DIR_OR_WORKDIR [--config.KEY=VALUE ...]
+
+Every run (a seed, and a learning rate from `lr_peaks`) has its own classification head
+initialisation, dropout and data order; all of them share one compiled step, one data pipeline
+and one program (`distil_jax.classify`). The workdir holds `config.json`, `model.json`,
+`checkpoints/` (every run, stacked; resumed like a distillation run), `<run>/metrics.jsonl` and
+`<run>/tensorboard/` for each run (e.g. `seed0_lr2e-05`), and `results.json`: each run's final dev
+metrics with their median, mean and spread. `python -m distil_jax.export --workdir=DIR
+--out=HF_DIR --seed=K` writes a run as a HuggingFace sequence-classification directory.
+"""
+
+import dataclasses
+import functools
+import itertools
+import json
+import math
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, logging
+from etils import epath
+
+from distil_jax import (
+  checkpoint,
+  classify,
+  cli,
+  errors,
+  glue_metrics,
+  hf,
+  hosts,
+  metrics,
+  models,
+  points,
+  sharding,
+  step,
+  storage,
+  train,
+)
+from distil_jax.data import glue, load_tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  seed: int
+  lr_peak: float
+
+  @property
+  def name(self) -> str:
+    return f"seed{self.seed}_lr{self.lr_peak:g}"
+
+
+def runs_of(config: ml_collections.ConfigDict) -> list[Run]:
+  """The stacked runs: every seed with every learning rate."""
+  return [Run(seed, lr) for lr, seed in itertools.product(config.lr_peaks, config.seeds)]
+
+
+def summarize(per_run: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+  """Median, mean, sample standard deviation, min and max of each metric over the runs."""
+  names = next(iter(per_run.values())).keys()
+  summary = {}
+  for name in names:
+    values = [m[name] for m in per_run.values()]
+    summary[name] = {"median": statistics.median(values), "mean": statistics.fmean(values),
+                     "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                     "min": min(values), "max": max(values), "runs": len(values)}
+  return summary
+
+
+def finetune(config: ml_collections.ConfigDict, workdir: epath.PathLike,
+             allow_config_change: bool = False) -> dict[str, Any]:
+  """Fine-tunes every run of `config` in `workdir`; returns results.json's content."""
+  workdir = storage.absolute(workdir)
+  with checkpoint.locked([workdir]):
+    return _finetune(config, workdir, allow_config_change)
+
+
+def _finetune(config, workdir: epath.Path, allow_config_change: bool) -> dict[str, Any]:
+  # ---------------------------------------------------------------- Config, model, data.
+  hosts.decide(lambda: train.check_workdir(config, workdir, allow_config_change))
+  if not config.init:
+    raise errors.ConfigError("config.init is empty: give the model to fine-tune, a HuggingFace "
+                             "directory or a distil_jax workdir (--config.init=DIR)")
+  runs = runs_of(config)
+  init_dir = checkpoint.model_directory(config.init)
+  task = glue.get_task(config.task)
+  loaded = [hf.load_bert(init_dir, seed=r.seed, num_labels=task.num_labels) for r in runs]
+  model_config = dataclasses.replace(loaded[0][0], dtype=config.dtype)
+  tokenizer = load_tokenizer(init_dir, model_config.vocab_size)
+  load = functools.partial(glue.load_split, task, tokenizer=tokenizer, max_len=config.max_len,
+                           glue_dir=config.data_dir or None, tfds_data_dir=config.tfds_data_dir)
+  train_data = load("train", max_examples=config.max_train_examples or None)
+  eval_data = {split: load(split) for split in task.eval_splits}
+  total_steps = math.ceil(config.epochs * glue.steps_per_epoch(len(train_data),
+                                                                config.batch_size))
+  logging.info("Fine-tuning %s (%s parameters) on %s: %d train examples, %d runs stacked (%s), "
+               "%d steps.", init_dir, f"{models.count_params(model_config):,}", config.task,
+               len(train_data), len(runs), ", ".join(r.name for r in runs), total_steps)
+
+  # ---------------------------------------------------------------- Mesh, sharded state, steps.
+  mesh = sharding.make_mesh(config.mesh_shape)
+  step_config = classify.ClassifyConfig(model=model_config, num_labels=task.num_labels)
+  tx, schedule = step.make_optimizer(
+      total_steps=total_steps, lr_peak=runs[0].lr_peak,
+      warmup_steps=math.ceil(config.warmup_frac * total_steps), b1=config.b1, b2=config.b2,
+      eps=config.eps, weight_decay=config.weight_decay, clip_norm=config.clip_norm)
+  shardings = sharding.stacked(sharding.param_shardings(
+      models.abstract_params(model_config, task.num_labels), mesh))
+  state, state_shardings = step.create_state(points.stack([params for _, params in loaded]), tx,
+                                             shardings, mesh, num_points=len(runs))
+  hyper = points.stack([step.Hyper(lr_scale=np.float32(r.lr_peak / runs[0].lr_peak),
+                                   seed=np.int32(r.seed)) for r in runs])
+  train_step, predict = classify.jit_steps(step_config, tx, mesh, state_shardings)
+  checkpoint.write_config(workdir, config.to_dict())
+  checkpoint.write_model(workdir, model_config, init_dir, task=config.task,
+                         num_labels=task.num_labels, labels=list(task.label_names),
+                         runs=[{**dataclasses.asdict(r), "name": r.name} for r in runs])
+
+  # ---------------------------------------------------------------- Resume.
+  ckpt = checkpoint.Checkpointer(workdir, save_every_steps=config.checkpoint_every_steps,
+                                 keep_last=config.keep_checkpoints, keep_best=False)
+  first_step, restored = train.restore([ckpt], state, lambda tree, i: tree, 1, None)
+  if restored:
+    state = restored[0][0]
+    logging.info("Resumed from step %d of %s.", first_step, workdir)
+
+  # ---------------------------------------------------------------- Train loop.
+  writers = [metrics.MetricWriter(workdir / r.name, total_steps, r.name, first_step)
+             for r in runs]
+  runs_batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
+      None, sharding.BATCH_AXES))
+  local = config.batch_size // jax.process_count()
+  rows = slice(jax.process_index() * local, (jax.process_index() + 1) * local)
+  batches = glue.train_batches(train_data, config.batch_size, [r.seed for r in runs],
+                               start_step=first_step, buckets=config.buckets)
+  run_evaluate = lambda: evaluate(predict, state["params"], eval_data, task, config, mesh)
+  dev_metrics, tokens = [{}] * len(runs), 0.0
+  with checkpoint.PreemptionWatcher() as watcher:
+    for step_index in range(first_step + 1, total_steps + 1):
+      batch = next(batches)
+      batch["weights"] = np.ones(batch["labels"].shape, np.float32)
+      tokens += float(batch["attention_mask"].sum())
+      batch = {name: jax.make_array_from_process_local_data(runs_batch, x[:, rows])
+               for name, x in batch.items()}
+      state, train_metrics = train_step(state, batch, hyper)
+      finite = np.asarray(jax.device_get(train_metrics["finite"]))
+      if not finite.all():  # The update was not applied: the state is the last finite one.
+        ckpt.save(step_index, state, {"step": step_index}, force=True)
+        ckpt.wait()
+        bad = ", ".join(r.name for r, ok in zip(runs, finite, strict=True) if not ok)
+        raise errors.Diverged(f"step {step_index} of {bad} is not finite; saved checkpoint "
+                              f"{step_index}: lower the learning rate")
+      if step_index % config.log_every_steps == 0 or step_index == total_steps:
+        fetched = jax.device_get(train_metrics)
+        for i, (writer, r) in enumerate(zip(writers, runs, strict=True)):
+          scalars = {k: float(v[i]) for k, v in fetched.items()}
+          scalars["lr"] = float(schedule(step_index - 1)) * r.lr_peak / runs[0].lr_peak
+          writer.train(step_index, scalars, tokens, 0.0, 1.0)
+        tokens = 0.0
+      with metrics.paused(writers):
+        if step_index % config.eval_every_steps == 0 or step_index == total_steps:
+          dev_metrics = run_evaluate()
+          for writer, m in zip(writers, dev_metrics, strict=True):
+            writer.eval(step_index, m)
+        stop = watcher.should_stop(step_index)
+        ckpt.save(step_index, state, {"step": step_index},
+                  force=step_index == total_steps or stop)
+        if stop:
+          ckpt.wait()
+          logging.info("Preempted: saved step %d; start again to resume.", step_index)
+          break
+  ckpt.close()
+  for writer in writers:
+    writer.close()
+
+  # ---------------------------------------------------------------- Results.
+  if int(np.asarray(jax.device_get(state["step"]))[0]) != total_steps:
+    return {}
+  if first_step == total_steps:
+    dev_metrics = run_evaluate()
+  per_run = {r.name: m for r, m in zip(runs, dev_metrics, strict=True)}
+  results = {"task": config.task, "init": str(init_dir), "steps": total_steps,
+             "train_examples": len(train_data), "runs": per_run, "summary": summarize(per_run)}
+  if hosts.is_main():
+    (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    for name, s in results["summary"].items():
+      logging.info("%s dev %s: median %.4f, mean %.4f, std %.4f, min %.4f, max %.4f over %d runs",
+                   config.task, name, s["median"], s["mean"], s["std"], s["min"], s["max"],
+                   s["runs"])
+  return results
+
+
+def evaluate(predict, params, eval_data: dict[str, glue.Encoded], task: glue.Task, config,
+             mesh) -> list[dict[str, float]]:
+  """Each run's GLUE metrics on the eval splits (prefixed by the split when there are several,
+  as MNLI's matched and mismatched)."""
+  per_run = [{} for _ in range(jax.tree.leaves(params)[0].shape[0])]
+  local = config.batch_size // jax.process_count()
+  rows = slice(jax.process_index() * local, (jax.process_index() + 1) * local)
+  for split, data in eval_data.items():
+    logits = []
+    for batch in glue.eval_batches(data, config.batch_size, config.buckets):
+      keep = batch.pop("weights") > 0
+      on_mesh = {name: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh),
+                                                              x[rows])
+                 for name, x in batch.items() if name != "labels"}
+      logits.append(np.asarray(jax.device_get(predict(params, on_mesh)))[:, keep])
+    logits = np.concatenate(logits, axis=1)
+    prefix = f"{split}_" if len(eval_data) > 1 else ""
+    for run_metrics, run_logits in zip(per_run, logits, strict=True):
+      run_metrics.update({prefix + k: v for k, v in glue_metrics.task_metrics(
+          task, run_logits, data.labels).items()})
+  return per_run
+
+
+def main(argv: Sequence[str]) -> None:
+  del argv
+  cli.start()
+  if cli.WORKDIR.value is None or cli.CONFIG.value is None:
+    raise app.UsageError("--config and --workdir are required, e.g. "
+                         "--config=experiments/glue.py --workdir=DIR --config.init=HF_DIR")
+  finetune(cli.CONFIG.value, cli.WORKDIR.value, cli.ALLOW_CONFIG_CHANGE.value)
+
+
+if __name__ == "__main__":
+  cli.run(main)
