@@ -1,8 +1,15 @@
 """Shared fixtures: small random HuggingFace BERT checkpoints built locally (no downloads), and a
-local GCS emulator."""
+local GCS emulator. The tests, and the commands they start, share a JAX compilation cache: runs of
+the same shapes compile once."""
 
+import os
 import pathlib
+import tempfile
 from collections.abc import Iterator
+
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jax_cache_"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import gcs_emulator
 import pytest
