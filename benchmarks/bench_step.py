@@ -13,8 +13,8 @@ from collections.abc import Sequence
 import jax
 from absl import app, flags
 
-from benchmarks import bench_data
-from distil_jax import data, hf, perf, resources, sharding, step, student
+from benchmarks import bench_data, step_setups
+from distil_jax import data, perf, resources, step
 
 _BATCH = flags.DEFINE_integer("batch", 32, "Sequences per step.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 128, "Tokens per sequence.")
@@ -32,10 +32,7 @@ VARIANTS = {
 
 def measure_steps(batch: dict, steps: int) -> list[dict]:
   """Times each variant of the step on `batch` (MiniLM teacher, 3-layer student)."""
-  teacher_config, teacher_params = hf.load_bert(resources.minilm_dir())
-  student_config, student_params = student.student_from_teacher(
-      teacher_config, teacher_params, student.every_other_layer(6, 3))
-  mesh = sharding.make_mesh((-1, 1, 1))
+  teacher_config, teacher_params, student_config, student_params = step_setups.tiny_models()
   batch_size, seq_len = batch["input_ids"].shape
   tokens = int(batch["attention_mask"].sum())
   peak = perf.peak_flops_per_device() * jax.device_count()
@@ -45,20 +42,13 @@ def measure_steps(batch: dict, steps: int) -> list[dict]:
         student=student_config if distill else teacher_config,
         teacher=teacher_config if distill else None, restrict_ce_to_mask=restrict,
         gather_logits=gather, max_predictions=step.max_predictions(seq_len, 0.15))
-    tx, _ = step.make_optimizer(total_steps=100, lr_peak=1e-4, warmup_steps=0)
-    params = {"student": student_params if distill else teacher_params}
-    state, teacher, train, _ = step.prepare(config, params, teacher_params if distill else None,
-                                            tx, mesh)
-    global_batch = data.global_batch(batch, sharding.batch_sharding(mesh))
-    weights = step.Hyper()
-    xla_flops = train.lower(state, teacher, global_batch, weights).compile().cost_analysis()[
-        "flops"]
-    state, metrics = train(state, teacher, global_batch, weights)
-    jax.block_until_ready(metrics)
+    run, xla_flops = step_setups.compile_step(
+        config, student_params if distill else teacher_params,
+        teacher_params if distill else None, batch)
+    run()
     start = time.perf_counter()
     for _ in range(steps):
-      state, metrics = train(state, teacher, global_batch, weights)
-    jax.block_until_ready(metrics)
+      run()
     seconds = (time.perf_counter() - start) / steps
     flops = perf.train_step_flops(config, batch_size, seq_len)
     rows.append({"variant": name, "s/step": seconds, "tokens/s": tokens / seconds,
@@ -67,16 +57,8 @@ def measure_steps(batch: dict, steps: int) -> list[dict]:
   return rows
 
 
-def format_rows(rows: Sequence[dict]) -> str:
-  formats = {"s/step": "{:.2f}", "tokens/s": "{:,.0f}", "padded tokens/s": "{:,.0f}",
-             "GFLOP/step": "{:.1f}", "XLA GFLOP/step": "{:.1f}", "MFU": "{:.1%}"}
-  cells = [[row["variant"], *(formats[k].format(row[k]) for k in formats)] for row in rows]
-  header = ["variant", *formats]
-  widths = [max(len(str(c[i])) for c in [header, *cells]) for i in range(len(header))]
-  line = lambda cs: "| " + " | ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
-                                      for i, (c, w) in enumerate(zip(cs, widths, strict=True)))
-  return "\n".join([line(header) + " |", "|" + "|".join("-" * (w + 2) for w in widths) + "|",
-                    *(line(c) + " |" for c in cells)])
+FORMATS = {"s/step": "{:.2f}", "tokens/s": "{:,.0f}", "padded tokens/s": "{:,.0f}",
+           "GFLOP/step": "{:.1f}", "XLA GFLOP/step": "{:.1f}", "MFU": "{:.1%}"}
 
 
 def main(argv: Sequence[str]) -> None:
@@ -89,7 +71,7 @@ def main(argv: Sequence[str]) -> None:
         f"{perf.peak_flops_per_device() / 1e9:.0f} GFLOP/s; batch {_BATCH.value} x "
         f"{_SEQ_LEN.value}, {int(batch['attention_mask'].sum())} real tokens\n")
   rows = measure_steps(batch, _TIMED_STEPS.value)
-  print(format_rows(rows))
+  print(step_setups.markdown_table(rows, FORMATS))
   pipeline = bench_data.measure_data_pipeline(config, str(resources.minilm_dir()), 30522, 50)
   fastest = max(row["tokens/s"] for row in rows)
   print("\n" + bench_data.format_table(pipeline))

@@ -1,0 +1,59 @@
+"""What the step benchmarks share: their teachers and students, the compiled step, the table."""
+
+from collections.abc import Callable, Mapping, Sequence
+
+import jax
+import numpy as np
+
+from distil_jax import data, hf, models, resources, sharding, step, student
+
+Models = tuple[models.ModelConfig, dict, models.ModelConfig, dict]  # Teacher's, then student's.
+
+
+def tiny_models() -> Models:
+  """experiments/tiny.py's: the packaged MiniLM teacher (6 x 384), a student of layers 0, 2, 5."""
+  teacher_config, teacher_params = hf.load_bert(resources.minilm_dir())
+  student_config, student_params = student.student_from_teacher(
+      teacher_config, teacher_params, student.every_other_layer(6, 3))
+  return teacher_config, teacher_params, student_config, student_params
+
+
+def bert_base_models(seed: int = 0) -> Models:
+  """A randomly initialised bert-base-uncased teacher and its 6-layer student."""
+  teacher_config = models.PRESETS["bert-base-uncased"]
+  teacher_params = jax.tree.map(np.asarray, models.init_params(teacher_config, seed))
+  student_config, student_params = student.student_from_teacher(
+      teacher_config, teacher_params, student.every_other_layer(12, 6))
+  return teacher_config, teacher_params, student_config, student_params
+
+
+def compile_step(config: step.StepConfig, student_params: dict, teacher_params: dict | None,
+                 batch: Mapping[str, np.ndarray]) -> tuple[Callable[[], dict], float]:
+  """Our train step on `batch` on all devices: (a function that runs one step, carrying the
+  state on, and returns its metrics when done; XLA's FLOP count of the step)."""
+  mesh = sharding.make_mesh((-1, 1, 1))
+  tx, _ = step.make_optimizer(total_steps=100, lr_peak=1e-4, warmup_steps=0)
+  state, teacher, train, _ = step.prepare(config, {"student": student_params}, teacher_params,
+                                          tx, mesh)
+  global_batch = data.global_batch(dict(batch), sharding.batch_sharding(mesh))
+  hyper = step.Hyper()
+  flops = train.lower(state, teacher, global_batch, hyper).compile().cost_analysis()["flops"]
+
+  def run() -> dict:
+    nonlocal state
+    state, metrics = train(state, teacher, global_batch, hyper)
+    return jax.block_until_ready(metrics)
+  return run, flops
+
+
+def markdown_table(rows: Sequence[dict], formats: Mapping[str, str]) -> str:
+  """Rows as a markdown table: the first column as is, then `formats[key].format(row[key])`."""
+  first = next(iter(rows[0]))
+  cells = [[row[first], *(formats[k].format(row[k]) for k in formats)] for row in rows]
+  header = [first, *formats]
+  widths = [max(len(str(c[i])) for c in [header, *cells]) for i in range(len(header))]
+  line = lambda cs: "| " + " | ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
+                                      for i, (c, w) in enumerate(zip(cs, widths, strict=True)))
+  return "\n".join([line(header) + " |", "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+                    *(line(c) + " |" for c in cells)])
+
