@@ -8,8 +8,9 @@ the same batches on 1 process or on N and can resume on another number of hosts.
 tokenizes every document (once: the ids are cached in data_dir).
 
 Eval batches are masked the standard way, not as training masks: `mask_prob` of the real
-non-special tokens, chosen uniformly, every one replaced by [MASK], with a fixed random stream, so
-that every run and seed is evaluated on the same positions.
+non-special tokens, chosen uniformly, every one replaced by [MASK], from a fixed random stream of
+each sequence's index among the held-out ones, so that every run, seed and eval batch size is
+evaluated on the same positions.
 """
 
 import functools
@@ -182,8 +183,9 @@ def _standard_eval(ids: TokenIds, config: ml_collections.ConfigDict, special: Sp
       _masked, vocab_size=vocab_size, special_ids=special, mask_id=special.mask,
       mask_prob=config.mask_prob, rng_seed=_stream_seed(_EVAL_MASKS), mask_token_frac=1.0,
       random_token_frac=0.0)
-  return tuple(masked(step, (padded[start + rows], lengths[start + rows], rows))
-               for step, start in enumerate(range(0, num_rows, batch_size)))
+  # A row's positions are a function of its index in the eval set alone, whatever the batches.
+  return tuple(masked(0, (padded[start + rows], lengths[start + rows], start + rows))
+               for start in range(0, num_rows, batch_size))
 
 
 def _masked(step: int, ids_lengths_rows: tuple[np.ndarray, np.ndarray, np.ndarray], *,
