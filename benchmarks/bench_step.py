@@ -41,7 +41,8 @@ def measure_steps(batch: dict, steps: int) -> list[dict]:
     config = step.StepConfig(
         student=student_config if distill else teacher_config,
         teacher=teacher_config if distill else None, restrict_ce_to_mask=restrict,
-        gather_logits=gather, max_predictions=step.max_predictions(seq_len, 0.15))
+        gather_logits=gather, max_predictions=step.max_predictions(seq_len, 0.15),
+        mse=False)  # As a run with alpha_mse 0 (the default) trains.
     run, xla_flops = step_setups.compile_step(
         config, student_params if distill else teacher_params,
         teacher_params if distill else None, batch)

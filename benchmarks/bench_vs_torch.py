@@ -88,7 +88,8 @@ def measure(shape: str, repeats: int, warmup: int, peaks: tuple[float, float]) -
   for ce_on, masked_only in CE_ON_MASKED_ONLY.items():
     config = step.StepConfig(student=student_config, teacher=teacher_config,
                              restrict_ce_to_mask=masked_only,
-                             max_predictions=step.max_predictions(seq_len, 0.15))
+                             max_predictions=step.max_predictions(seq_len, 0.15),
+                             mse=False)  # alpha_mse is 0: neither step computes L_mse.
     ours, _ = step_setups.compile_step(config, student_params, teacher_params, batch)
     reference = torch_reference.Distiller(teacher, student, restrict_ce_to_mask=masked_only)
     ours_s, torch_s = alternate([ours, lambda r=reference: r.step(batch)], repeats, warmup)

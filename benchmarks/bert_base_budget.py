@@ -53,7 +53,8 @@ def main(argv) -> None:
                               jnp.int32(0)))
   make = lambda accum: step.StepConfig(
       student=dataclasses.replace(student_config, dtype=config.dtype), teacher=teacher,
-      max_predictions=step.max_predictions(seq, config.data.mask_prob), accum_steps=accum)
+      max_predictions=step.max_predictions(seq, config.data.mask_prob), accum_steps=accum,
+      mse=bool(config.distill.alpha_mse))
   flops = perf.train_step_flops(make(config.accum_steps), config.data.batch_size, seq)
   print(f"{flops / 1e15:.2f} PFLOP per step of {config.data.batch_size} x {seq}")
   for fill in (1.0, 0.7):

@@ -134,7 +134,7 @@ def classification_accuracy(logits: jax.Array, labels: jax.Array, weight: jax.Ar
 
 def distillation_loss(student: Outputs, teacher: Outputs | None, labels: jax.Array,
                       logits_mask: jax.Array, hidden_mask: jax.Array,
-                      weights: LossWeights = DEFAULT_WEIGHTS
+                      weights: LossWeights = DEFAULT_WEIGHTS, with_mse: bool = True
                       ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """alpha_ce * L_ce + alpha_mlm * L_mlm + alpha_cos * L_cos + alpha_mse * L_mse, and its parts.
 
@@ -148,6 +148,8 @@ def distillation_loss(student: Outputs, teacher: Outputs | None, labels: jax.Arr
     hidden_mask: [batch, seq] positions of the hidden states that L_cos averages over (the
       attention mask).
     weights: temperature and alphas; leaves may be jax scalars.
+    with_mse: False leaves L_mse out, neither computed nor in the metrics: for when alpha_mse is
+      0 (as the original does), since a traced weight of 0 would not spare its work.
 
   Returns:
     (total, metrics) where metrics holds the total ("loss") and every part ("loss_ce", ...).
@@ -160,8 +162,10 @@ def distillation_loss(student: Outputs, teacher: Outputs | None, labels: jax.Arr
       "loss_ce": kd_loss(student.logits, teacher.logits, logits_mask, weights.temperature),
       "loss_mlm": l_mlm,
       "loss_cos": cosine_loss(student.hidden, teacher.hidden, hidden_mask),
-      "loss_mse": mse_loss(student.logits, teacher.logits, logits_mask),
   }
   total = (weights.alpha_ce * parts["loss_ce"] + weights.alpha_mlm * parts["loss_mlm"]
-           + weights.alpha_cos * parts["loss_cos"] + weights.alpha_mse * parts["loss_mse"])
+           + weights.alpha_cos * parts["loss_cos"])
+  if with_mse:
+    parts["loss_mse"] = mse_loss(student.logits, teacher.logits, logits_mask)
+    total = total + weights.alpha_mse * parts["loss_mse"]
   return total, {"loss": total, **parts}

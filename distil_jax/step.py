@@ -38,6 +38,7 @@ class StepConfig:
   accum_steps: int = 1  # Micro-batches per update (and per eval batch).
   frozen: tuple[str, ...] = ()  # Regexes of the frozen parameters (as `make_optimizer`'s).
   num_points: int = 0  # Runs stacked on a leading axis of state and hyper (0: no such axis).
+  mse: bool = True  # L_mse computed; False skips it (alpha_mse is 0 in every run), as the original.
 
 
 class Hyper(NamedTuple):
@@ -187,7 +188,7 @@ def _micro_loss(params, teacher, batch, targets, weights, totals, rng, config, m
   scaled = weights._replace(**{f"alpha_{part}": getattr(weights, f"alpha_{part}") * frac[
       f"loss_{part}"] for part in ("ce", "mlm", "cos", "mse")})
   total, parts = losses.distillation_loss(student, teacher, labels, valid,
-                                          batch["attention_mask"], scaled)
+                                          batch["attention_mask"], scaled, config.mse)
   metrics = {k: v * frac[k] for k, v in parts.items() if k != "loss"}
   metrics["loss"] = total
   metrics["student_correct"], metrics["masked"] = losses.masked_accuracy(student.logits, labels)

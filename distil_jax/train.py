@@ -307,7 +307,8 @@ def _train(configs, workdirs, names, locks, allow_config_change, resume_step
       max_predictions=config.distill.max_predictions or step.max_predictions(
           config.data.max_len, config.data.mask_prob),
       accum_steps=config.accum_steps, frozen=tuple(config.optim.frozen),
-      num_points=num_runs if num_runs > 1 else 0)
+      num_points=num_runs if num_runs > 1 else 0,
+      mse=any(c.distill.alpha_mse for c in configs))
   params = [{"student": p} for p in params]
   if config.distill.project_student_hidden and teacher_config:
     for p, c in zip(params, configs, strict=True):

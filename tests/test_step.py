@@ -77,6 +77,22 @@ def test_mlm_only_step_equals_the_students_own_mlm_loss():
   _assert_trees_close(update, grads)
 
 
+def test_step_without_mse_leaves_it_out_whatever_its_weight():
+  batch = random_batch(8, seed=3)
+  run, params, update, metrics = _sgd_step(batch, mse=False)  # HYPER's alpha_mse is 0.02.
+  assert "loss_mse" not in metrics
+  without = WEIGHTS._replace(alpha_mse=0.0)
+  grads, expected = reference.gradient(params, run["teacher_params"], batch, without,
+                                       config=run["config"])
+  del expected["loss_mse"]
+  _assert_metrics_match(metrics, expected)
+  _assert_trees_close(update, grads)
+  with_mse, _ = reference.gradient(params, run["teacher_params"], batch, WEIGHTS,
+                                   config=run["config"])
+  difference = jax.tree.map(lambda a, b: np.abs(a - b).max(), with_mse, grads)
+  assert max(jax.tree.leaves(difference)) > 1e-3  # L_mse at 0.02 would show.
+
+
 # Fused points with dropout: their updates differ by seed, and the teacher must stay deterministic.
 FUSED = {"num_points": 2, "dropout": 0.1}
 
