@@ -14,7 +14,7 @@ import jax
 from absl import app, flags
 
 from benchmarks import bench_data, step_setups
-from distil_jax import data, perf, resources, step
+from distil_jax import data, distill_step, perf, resources
 
 _BATCH = flags.DEFINE_integer("batch", 32, "Sequences per step.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 128, "Tokens per sequence.")
@@ -38,10 +38,10 @@ def measure_steps(batch: dict, steps: int) -> list[dict]:
   peak = perf.peak_flops_per_device() * jax.device_count()
   rows = []
   for name, (distill, restrict, gather) in VARIANTS.items():
-    config = step.StepConfig(
+    config = distill_step.StepConfig(
         student=student_config if distill else teacher_config,
         teacher=teacher_config if distill else None, restrict_ce_to_mask=restrict,
-        gather_logits=gather, max_predictions=step.max_predictions(seq_len, 0.15),
+        gather_logits=gather, max_predictions=distill_step.max_predictions(seq_len, 0.15),
         mse=False)  # As a run with alpha_mse 0 (the default) trains.
     run, xla_flops = step_setups.compile_step(
         config, student_params if distill else teacher_params,

@@ -22,7 +22,7 @@ import time
 
 from absl import app, flags
 
-from distil_jax import hf, perf, resources, step
+from distil_jax import distill_step, hf, perf, resources
 
 _STEPS = flags.DEFINE_integer("steps", 30, "Train steps of every point.")
 SWEEP = ["--sweep=distill.temperature=1,4", "--sweep=distill.alpha_ce=0.5,5"]
@@ -47,9 +47,9 @@ def predicted_ratio(points: int = 4) -> tuple[float, float, float]:
   """(fused FLOPs per step, separate FLOPs per step, their ratio), as the step computes them."""
   teacher, _ = hf.read_config(resources.minilm_dir())
   student = dataclasses.replace(teacher, num_layers=3, type_vocab_size=0)
-  one = step.StepConfig(student=student, teacher=teacher, restrict_ce_to_mask=True,
-                        max_predictions=step.max_predictions(128, 0.15))
-  fused = perf.train_step_flops(dataclasses.replace(one, num_points=points), 32, 128)
+  one = distill_step.StepConfig(student=student, teacher=teacher, restrict_ce_to_mask=True,
+                                max_predictions=distill_step.max_predictions(128, 0.15))
+  fused = perf.train_step_flops(dataclasses.replace(one, num_runs=points), 32, 128)
   separate = points * perf.train_step_flops(one, 32, 128)
   return fused, separate, fused / separate
 

@@ -23,7 +23,7 @@ import torch
 from absl import app, flags
 
 from benchmarks import step_setups, torch_reference
-from distil_jax import perf, step
+from distil_jax import distill_step, perf
 from distil_jax.data import masking
 
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed steps of each framework, alternating.")
@@ -86,10 +86,10 @@ def measure(shape: str, repeats: int, warmup: int, peaks: tuple[float, float]) -
   student = torch_reference.from_flax(student_config, student_params)
   rows = []
   for ce_on, masked_only in CE_ON_MASKED_ONLY.items():
-    config = step.StepConfig(student=student_config, teacher=teacher_config,
-                             restrict_ce_to_mask=masked_only,
-                             max_predictions=step.max_predictions(seq_len, 0.15),
-                             mse=False)  # alpha_mse is 0: neither step computes L_mse.
+    config = distill_step.StepConfig(
+        student=student_config, teacher=teacher_config, restrict_ce_to_mask=masked_only,
+        max_predictions=distill_step.max_predictions(seq_len, 0.15),
+        mse=False)  # alpha_mse is 0: neither step computes L_mse.
     ours, _ = step_setups.compile_step(config, student_params, teacher_params, batch)
     reference = torch_reference.Distiller(teacher, student, restrict_ce_to_mask=masked_only)
     ours_s, torch_s = alternate([ours, lambda r=reference: r.step(batch)], repeats, warmup)

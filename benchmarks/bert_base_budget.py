@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from absl import app, flags
 from flax import linen as nn
 
-from distil_jax import losses, models, perf, step
+from distil_jax import distill_step, losses, models, optim, perf
 from experiments import bert_base
 
 _DEVICES = flags.DEFINE_integer("devices", 16, "Data-parallel devices of the slice.")
@@ -44,16 +44,16 @@ def main(argv) -> None:
                                        param_dtype="float32")
   teacher_params = nn.meta.unbox(models.abstract_params(teacher))
   student_params = nn.meta.unbox(models.abstract_params(student_config))
-  tx, _ = step.make_optimizer(total_steps=10, lr_peak=1e-4, warmup_steps=1)
-  state = jax.eval_shape(lambda p: step.init_state({"student": p}, tx), student_params)
+  tx, _ = optim.make_optimizer(total_steps=10, lr_peak=1e-4, warmup_steps=1)
+  state = jax.eval_shape(lambda p: optim.init_state({"student": p}, tx), student_params)
   seq = config.data.max_len
   batch = {name: jax.ShapeDtypeStruct((rows, seq), jnp.int32)
            for name in ("input_ids", "attention_mask", "labels")}
-  hyper = abstract(step.Hyper(losses.LossWeights(*[jnp.float32(1)] * 5), jnp.float32(1),
-                              jnp.int32(0)))
-  make = lambda accum: step.StepConfig(
+  hyper = abstract(distill_step.Hyper(losses.LossWeights(*[jnp.float32(1)] * 5),
+                                      jnp.float32(1), jnp.int32(0)))
+  make = lambda accum: distill_step.StepConfig(
       student=dataclasses.replace(student_config, dtype=config.dtype), teacher=teacher,
-      max_predictions=step.max_predictions(seq, config.data.mask_prob), accum_steps=accum,
+      max_predictions=distill_step.max_predictions(seq, config.data.mask_prob), accum_steps=accum,
       mse=bool(config.distill.alpha_mse))
   flops = perf.train_step_flops(make(config.accum_steps), config.data.batch_size, seq)
   print(f"{flops / 1e15:.2f} PFLOP per step of {config.data.batch_size} x {seq}")
@@ -67,13 +67,13 @@ def main(argv) -> None:
   print("| compiled step | arguments (GiB) | outputs (GiB) | temporaries (GiB) |")
   print("|---|---|---|---|")
   compiled = {
-      "train, micro-batches": jax.jit(lambda s, t, b, h: step.train_step(
+      "train, micro-batches": jax.jit(lambda s, t, b, h: distill_step.train_step(
           s, t, b, h, config=make(config.accum_steps), tx=tx)).lower(
               state, teacher_params, batch, hyper),
-      "eval, micro-batches (now)": jax.jit(lambda p, t, b: step.eval_step(
+      "eval, micro-batches (now)": jax.jit(lambda p, t, b: distill_step.eval_step(
           p, t, b, config=make(config.accum_steps))).lower(
               state["params"], teacher_params, batch),
-      "eval, whole batch (before)": jax.jit(lambda p, t, b: step.eval_step(
+      "eval, whole batch (before)": jax.jit(lambda p, t, b: distill_step.eval_step(
           p, t, b, config=make(1))).lower(state["params"], teacher_params, batch),
   }
   for name, lowered in compiled.items():

@@ -5,7 +5,7 @@ from collections.abc import Callable, Mapping, Sequence
 import jax
 import numpy as np
 
-from distil_jax import data, hf, models, resources, sharding, step, student
+from distil_jax import data, distill_step, hf, models, optim, resources, sharding, student
 
 Models = tuple[models.ModelConfig, dict, models.ModelConfig, dict]  # Teacher's, then student's.
 
@@ -27,16 +27,17 @@ def bert_base_models(seed: int = 0) -> Models:
   return teacher_config, teacher_params, student_config, student_params
 
 
-def compile_step(config: step.StepConfig, student_params: dict, teacher_params: dict | None,
-                 batch: Mapping[str, np.ndarray]) -> tuple[Callable[[], dict], float]:
+def compile_step(config: distill_step.StepConfig, student_params: dict,
+                 teacher_params: dict | None, batch: Mapping[str, np.ndarray]
+                 ) -> tuple[Callable[[], dict], float]:
   """Our train step on `batch` on all devices: (a function that runs one step, carrying the
   state on, and returns its metrics when done; XLA's FLOP count of the step)."""
   mesh = sharding.make_mesh((-1, 1, 1))
-  tx, _ = step.make_optimizer(total_steps=100, lr_peak=1e-4, warmup_steps=0)
-  state, teacher, train, _ = step.prepare(config, {"student": student_params}, teacher_params,
-                                          tx, mesh)
+  tx, _ = optim.make_optimizer(total_steps=100, lr_peak=1e-4, warmup_steps=0)
+  state, teacher, train, _ = distill_step.prepare(config, {"student": student_params},
+                                                   teacher_params, tx, mesh)
   global_batch = data.global_batch(dict(batch), sharding.batch_sharding(mesh))
-  hyper = step.Hyper()
+  hyper = distill_step.Hyper()
   flops = train.lower(state, teacher, global_batch, hyper).compile().cost_analysis()["flops"]
 
   def run() -> dict:

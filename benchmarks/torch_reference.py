@@ -6,7 +6,7 @@ The losses are those of the original distiller (huggingface/transformers, resear
 distillation): logits selected by a boolean mask, `KLDivLoss(batchmean)` at temperature T times
 T², `CrossEntropyLoss(ignore_index=-100)`, `CosineEmbeddingLoss` on the last hidden states of the
 real tokens, `MSELoss(sum)` when its weight is not 0. Then global-norm clipping and
-`torch.optim.AdamW` with no weight decay on biases and LayerNorm, as `step.make_optimizer`.
+`torch.optim.AdamW` with no weight decay on biases and LayerNorm, as `optim.make_optimizer`.
 
 With `restrict_ce_to_mask` (L_ce on masked positions only), the vocabulary projection runs only
 on the masked positions' hidden states (`model.distilbert(...)`, then the MLM head on the gathered

@@ -1,9 +1,7 @@
-"""Checkpoints of the student, optimizer and step (orbax), and the run's resolved config.
+"""Checkpoints of the train state (orbax), and the preemption watcher.
 
-A workdir holds::
+A workdir's checkpoints (the rest of the workdir is `distil_jax.workdir`'s)::
 
-  config.json                 the resolved config (`write_config`)
-  model.json                  the trained model's config and tokenizer (`write_model`)
   checkpoints/<step>/state    the train state: student params, optimizer state, step
   checkpoints/<step>/data     the data iterator state (JSON)
   checkpoints/<step>/metrics  the eval loss, when the step had one
@@ -27,25 +25,17 @@ Use in the train loop (a SIGTERM makes it save and exit cleanly)::
 """
 
 import contextlib
-import dataclasses
-import json
 import math
-import os
 import signal
-import socket
-import time
-import uuid
-from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
-from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
-from distil_jax import errors, hf, hosts, models
+from distil_jax import errors, hosts
 
 PyTree = Any
 
@@ -139,6 +129,10 @@ class Checkpointer:
   def best_step(self) -> int | None:
     """The kept step of lowest eval loss (None if none has one; the latest without `keep_best`)."""
     return self._manager.best_step()
+
+  def due(self, step: int) -> bool:
+    """Whether `save(step, ...)` would save without `force`: on the save interval, not saved."""
+    return self._manager.should_save(step) and step not in self._manager.all_steps()
 
   def save(self, step: int, state: PyTree, data_state: dict[str, Any],
            eval_loss: float | None = None, force: bool = False) -> bool:
@@ -315,167 +309,3 @@ def saved_steps(workdir: epath.PathLike) -> list[int]:
   if not directory.exists():
     return []
   return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
-
-
-class WorkdirLock:
-  """WORKDIR/lock.json, held by the run that trains in the workdir (taken by process 0).
-
-  A second run is refused with the holder's host and pid. A lock left by a dead process is taken
-  over: on the same host when its pid is gone, from another host when its heartbeat (renewed
-  by `refresh`, at every log and checkpoint) is older than `stale_after_s`. On local disks the
-  lock is created atomically; on GCS it is written and read back (two runs started within the
-  same second could both pass).
-  """
-
-  def __init__(self, workdir: epath.PathLike, stale_after_s: float = 600.0):
-    self.path = epath.Path(workdir) / "lock.json"
-    self.stale_after_s = stale_after_s
-    self._mine = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex}
-
-  def acquire(self) -> None:
-    holder = self._holder()
-    if holder is not None and self._alive(holder):
-      raise CheckpointError(
-          f"{self.path.parent} is in use by process {holder.get('pid')} on host "
-          f"{holder.get('host')} (heartbeat {time.time() - holder.get('heartbeat', 0):.0f} s "
-          "ago): wait for that run to end or stop it; the lock of a dead process is taken over")
-    if holder is not None:
-      logging.warning("Taking over the lock of %s: its process %s on %s is gone.",
-                      self.path.parent, holder.get("pid"), holder.get("host"))
-    self.path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-      self._write(exclusive=holder is None)
-    except FileExistsError:
-      raise CheckpointError(f"{self.path.parent} was locked by another run just now: wait for "
-                            "it to end or stop it") from None
-    if (self._holder() or {}).get("token") != self._mine["token"]:
-      raise CheckpointError(f"{self.path.parent} was locked by another run just now: wait for "
-                            "it to end or stop it")
-
-  def refresh(self) -> None:
-    """Renews the heartbeat."""
-    self._write(exclusive=False)
-
-  def release(self) -> None:
-    if (self._holder() or {}).get("token") == self._mine["token"]:
-      self.path.unlink()
-
-  def __enter__(self) -> "WorkdirLock":
-    self.acquire()
-    return self
-
-  def __exit__(self, *exc_info) -> None:
-    self.release()
-
-  def _holder(self) -> dict[str, Any] | None:
-    try:
-      return json.loads(self.path.read_text())
-    except FileNotFoundError:
-      return None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-      return {}  # A half-written lock: a run is starting.
-
-  def _alive(self, holder: dict[str, Any]) -> bool:
-    if holder.get("host") == self._mine["host"] and "pid" in holder:
-      try:
-        os.kill(holder["pid"], 0)
-      except ProcessLookupError:
-        return False
-      except PermissionError:
-        return True
-      return True
-    return time.time() - holder.get("heartbeat", time.time()) < self.stale_after_s
-
-  def _write(self, exclusive: bool) -> None:
-    text = json.dumps({**self._mine, "heartbeat": time.time()})
-    if exclusive and "://" not in str(self.path):
-      with open(self.path, "x") as f:  # Atomic: fails if another run created it first.
-        f.write(text)
-    else:
-      self.path.write_text(text)
-
-
-@contextlib.contextmanager
-def locked(workdirs: Sequence[epath.Path]) -> Iterator[list[WorkdirLock]]:
-  """Holds the lock of every workdir (taken by process 0, the answer shared) for the block.
-
-  On several hosts, a workdir that is not the same directory on every host is refused."""
-  locks = [WorkdirLock(w) for w in workdirs]
-
-  def acquire() -> None:
-    for lock in locks:
-      lock.acquire()
-  try:
-    hosts.decide(acquire)
-    _check_shared(locks[0])
-    yield locks
-  finally:
-    if hosts.is_main():
-      for lock in locks:
-        lock.release()
-
-
-def _check_shared(lock: WorkdirLock) -> None:
-  if jax.process_count() == 1:
-    return
-  token = hosts.share(json.loads(lock.path.read_text())["token"] if hosts.is_main() else None)
-  seen = lock.path.exists() and json.loads(lock.path.read_text()).get("token") == token
-  if not hosts.all_true(seen):
-    raise errors.ConfigError(
-        f"{lock.path.parent} is not the same directory on every host: give a --workdir that "
-        "all hosts share (gs://BUCKET/... or a shared file system)")
-
-
-def write_config(workdir: epath.PathLike, config: dict[str, Any]) -> None:
-  """Writes the resolved config to `workdir/config.json` (from process 0)."""
-  if jax.process_index() == 0:
-    path = epath.Path(workdir)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
-def read_config(workdir: epath.PathLike) -> dict[str, Any]:
-  """Reads the config that `write_config` wrote to `workdir`."""
-  path = epath.Path(workdir) / "config.json"
-  if not path.exists():
-    raise CheckpointError(f"{path} does not exist; pass the --workdir of a distil_jax run")
-  try:
-    return json.loads(path.read_text())
-  except json.JSONDecodeError as e:
-    raise CheckpointError(
-        f"{path} is not valid JSON ({e}); rewrite it by running again on this workdir with the "
-        "experiment's --config") from e
-
-
-def write_model(workdir: epath.PathLike, config: models.ModelConfig,
-                tokenizer_dir: epath.PathLike, **extra: Any) -> None:
-  """Records what `read_model` needs to rebuild the trained model (from process 0), and `extra`
-  facts for the commands that read it (a fine-tuned classifier's task and labels)."""
-  if jax.process_index() == 0:
-    description = {"model": dataclasses.asdict(config), "tokenizer_dir": str(tokenizer_dir),
-                   **extra}
-    (epath.Path(workdir) / "model.json").write_text(json.dumps(description, indent=2) + "\n")
-
-
-def read_model(workdir: epath.PathLike) -> tuple[models.ModelConfig, str, dict[str, Any]]:
-  """(model config, tokenizer directory, the other facts `write_model` recorded) of the run in
-  `workdir`."""
-  path = epath.Path(workdir) / "model.json"
-  if not path.exists():
-    raise CheckpointError(f"{path} does not exist; pass the --workdir of a distil_jax run that "
-                          "has started training")
-  description = json.loads(path.read_text())
-  config = models.ModelConfig(**description.pop("model"))
-  return config, description.pop("tokenizer_dir"), description
-
-
-def model_directory(name: epath.PathLike) -> epath.Path:
-  """A HF directory: `name` itself, a local or gs:// one, the export of the workdir `name`, or
-  the download of a hub name."""
-  path = epath.Path(name).expanduser()
-  if (path / "export" / "config.json").exists():
-    return path / "export"
-  if (path / "model.json").exists():  # A workdir that has not exported (yet).
-    raise errors.MissingInput(f"{path} is a workdir without an export: run "
-                              f"`python -m distil_jax.export --workdir={path} --out=DIR` first")
-  return hf.resolve(name)

@@ -61,10 +61,13 @@ def start() -> None:
 
 
 def run(main) -> None:
-  """`app.run(main)` with the shared flag parsing; a `UserError` ends it with its one line."""
+  """`app.run(main)` with the shared flag parsing; a `UserError` ends it with its one line, a
+  preemption with exit code 0."""
   def guarded(argv):
     try:
       main(argv)
+    except errors.Preempted as e:  # It saved: exit 0, the same command resumes.
+      logging.info("%s", e)
     except errors.StorageError as e:
       print(f"FATAL {e}", file=sys.stderr, flush=True)
       os._exit(1)  # Not sys.exit: it would wait for orbax's threads to time out (minutes).

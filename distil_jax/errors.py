@@ -28,3 +28,8 @@ class Diverged(UserError, FloatingPointError):
 class StorageError(UserError, OSError):
   """The workdir's storage failed (a full disk, lost permissions, a bucket gone). The commands
   end at once: orbax's background threads would otherwise wait out their timeouts."""
+
+
+class Preempted(Exception):
+  """A preemption (SIGTERM) stopped training after it saved; the commands exit 0 with the message,
+  and running the same command again resumes."""

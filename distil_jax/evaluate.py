@@ -22,7 +22,8 @@ import jax
 from absl import app, flags, logging
 from etils import epath
 
-from distil_jax import checkpoint, cli, data, errors, hf, models, sharding, step, train
+from distil_jax import cli, data, distill_step, errors, hf, models, sharding
+from distil_jax import workdir as workdir_lib
 
 _MODEL = flags.DEFINE_string("model", None, "The model: HF directory, hub name, or workdir.")
 _TEACHER = flags.DEFINE_string("teacher", None, "A teacher to compare with (the same forms).")
@@ -41,7 +42,7 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
 def load_mlm(name: str, dtype: str = "float32") -> tuple[models.ModelConfig, dict, epath.Path]:
   """(config, params, directory) of an MLM checkpoint, weights and compute in `dtype`; an encoder
   without MLM head is refused."""
-  directory = checkpoint.model_directory(name)
+  directory = workdir_lib.model_directory(name)
   if not hf.has_mlm_head(directory):
     raise errors.ConfigError(f"{directory} has no MLM head (an encoder checkpoint): evaluate a "
                              "masked-LM checkpoint, e.g. one adapted by experiments/teacher_mlm.py")
@@ -73,17 +74,17 @@ def evaluate_models(model: str, teacher: str | None, config, dtype: str = "float
   batches = data.make_eval_batches(config, directory, model_config.vocab_size,
                                    all_documents=config.sources[0].startswith("text:"))
   mesh = sharding.make_mesh((-1, 1, 1))
-  step_config = step.StepConfig(student=model_config, teacher=teacher_config,
-                                max_predictions=step.max_predictions(config.max_len,
-                                                                     config.mask_prob))
+  step_config = distill_step.StepConfig(
+      student=model_config, teacher=teacher_config,
+      max_predictions=distill_step.max_predictions(config.max_len, config.mask_prob))
   shardings = {"student": sharding.param_shardings(models.abstract_params(model_config), mesh)}
   teacher_shardings = (sharding.param_shardings(models.abstract_params(teacher_config), mesh)
                        if teacher else None)
-  eval_step = jax.jit(functools.partial(step.eval_step, config=step_config, mesh=mesh))
-  (metrics,) = train.evaluate(
+  eval_step = jax.jit(functools.partial(distill_step.eval_step, config=step_config, mesh=mesh))
+  (metrics,) = distill_step.evaluate(
       eval_step, sharding.put({"student": params}, shardings),
-      sharding.put(teacher_params, teacher_shardings) if teacher else None, batches,
-      sharding.batch_sharding(mesh), 1)
+      sharding.put(teacher_params, teacher_shardings) if teacher else None,
+      (data.global_batch(b, sharding.batch_sharding(mesh)) for b in batches))
   if teacher and metrics["teacher_accuracy"] > 0:
     metrics["accuracy_ratio_pct"] = 100 * metrics["student_accuracy"] / metrics[
         "teacher_accuracy"]

@@ -16,6 +16,7 @@ from absl import app, flags, logging
 from etils import epath
 
 from distil_jax import checkpoint, cli, errors, hf, storage
+from distil_jax import workdir as workdir_lib
 
 _OUT = flags.DEFINE_string("out", None, "Output HuggingFace directory.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default: the latest.")
@@ -27,7 +28,7 @@ def export_checkpoint(workdir: epath.PathLike, out: epath.PathLike, step: int | 
                       overwrite: bool = False, seed: int | None = None) -> epath.Path:
   """Writes the model of `step` of the run in `workdir` to `out` (of a fine-tuning, the run of
   `seed`); returns `out`."""
-  config, tokenizer_dir, facts = checkpoint.read_model(workdir)
+  config, tokenizer_dir, facts = workdir_lib.read_model(workdir)
   runs = facts.get("runs")
   if runs is None and seed is not None:
     raise errors.ConfigError(f"--seed is for fine-tuning workdirs; {workdir} holds one model")

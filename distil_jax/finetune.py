@@ -6,7 +6,8 @@ in one compiled program.
 
 Every run (a seed, and a learning rate from `lr_peaks`) has its own classification head
 initialisation, dropout and data order; all of them share one compiled step, one data pipeline
-and one program (`distil_jax.classify`). The workdir holds `config.json`, `model.json`,
+and one program (`distil_jax.classify_step`), trained by the loop of every command
+(`distil_jax.loop`). The workdir holds `config.json`, `model.json`,
 `checkpoints/` (every run, stacked; resumed like a distillation run), `<run>/metrics.jsonl` and
 `<run>/tensorboard/` for each run (e.g. `seed0_lr2e-05`), and `results.json`: each run's final dev
 metrics with their median, mean and spread. `python -m distil_jax.export --workdir=DIR
@@ -29,21 +30,21 @@ from absl import app, logging
 from etils import epath
 
 from distil_jax import (
-  checkpoint,
-  classify,
+  classify_step,
   cli,
   errors,
   glue_metrics,
   hf,
   hosts,
-  metrics,
+  loop,
   models,
-  points,
+  optim,
+  perf,
   sharding,
-  step,
+  stacked,
   storage,
-  train,
 )
+from distil_jax import workdir as workdir_lib
 from distil_jax.data import glue, load_tokenizer
 
 
@@ -76,26 +77,28 @@ def summarize(per_run: dict[str, dict[str, float]]) -> dict[str, dict[str, float
 
 def finetune(config: ml_collections.ConfigDict, workdir: epath.PathLike,
              allow_config_change: bool = False) -> dict[str, Any]:
-  """Fine-tunes every run of `config` in `workdir`; returns results.json's content."""
+  """Fine-tunes every run of `config` in `workdir`; returns results.json's content ({} if it
+  stopped early). Raises `errors.Preempted` when a preemption stopped it (it saved)."""
   workdir = storage.absolute(workdir)
-  with checkpoint.locked([workdir]):
+  with workdir_lib.locked([workdir]):
     return _finetune(config, workdir, allow_config_change)
 
 
 def _finetune(config, workdir: epath.Path, allow_config_change: bool) -> dict[str, Any]:
   # ---------------------------------------------------------------- Config, model, data.
-  hosts.decide(lambda: train.check_workdir(config, workdir, allow_config_change))
+  hosts.decide(lambda: workdir_lib.check_workdir(config, workdir, allow_config_change))
   if not config.init:
     raise errors.ConfigError("config.init is empty: give the model to fine-tune, a HuggingFace "
                              "directory or a distil_jax workdir (--config.init=DIR)")
   runs = runs_of(config)
-  init_dir = checkpoint.model_directory(config.init)
+  init_dir = workdir_lib.model_directory(config.init)
   task = glue.get_task(config.task)
   loaded = [hf.load_bert(init_dir, seed=r.seed, num_labels=task.num_labels) for r in runs]
   model_config = dataclasses.replace(loaded[0][0], dtype=config.dtype)
   tokenizer = load_tokenizer(init_dir, model_config.vocab_size)
   load = functools.partial(glue.load_split, task, tokenizer=tokenizer, max_len=config.max_len,
                            glue_dir=config.data_dir or None, tfds_data_dir=config.tfds_data_dir)
+  peak_flops = perf.peak_flops_per_device()
   train_data = load("train", max_examples=config.max_train_examples or None)
   eval_data = {split: load(split) for split in task.eval_splits}
   total_steps = math.ceil(config.epochs * glue.steps_per_epoch(len(train_data),
@@ -106,86 +109,53 @@ def _finetune(config, workdir: epath.Path, allow_config_change: bool) -> dict[st
 
   # ---------------------------------------------------------------- Mesh, sharded state, steps.
   mesh = sharding.make_mesh(config.mesh_shape)
-  step_config = classify.ClassifyConfig(model=model_config, num_labels=task.num_labels)
-  tx, schedule = step.make_optimizer(
+  step_config = classify_step.ClassifyConfig(model=model_config, num_labels=task.num_labels)
+  tx, schedule = optim.make_optimizer(
       total_steps=total_steps, lr_peak=runs[0].lr_peak,
       warmup_steps=math.ceil(config.warmup_frac * total_steps), b1=config.b1, b2=config.b2,
       eps=config.eps, weight_decay=config.weight_decay, clip_norm=config.clip_norm)
   shardings = sharding.stacked(sharding.param_shardings(
       models.abstract_params(model_config, task.num_labels), mesh))
-  state, state_shardings = step.create_state(points.stack([params for _, params in loaded]), tx,
-                                             shardings, mesh, num_points=len(runs))
-  hyper = points.stack([step.Hyper(lr_scale=np.float32(r.lr_peak / runs[0].lr_peak),
-                                   seed=np.int32(r.seed)) for r in runs])
-  train_step, predict = classify.jit_steps(step_config, tx, mesh, state_shardings)
-  checkpoint.write_config(workdir, config.to_dict())
-  checkpoint.write_model(workdir, model_config, init_dir, task=config.task,
-                         num_labels=task.num_labels, labels=list(task.label_names),
-                         runs=[{**dataclasses.asdict(r), "name": r.name} for r in runs])
+  state, state_shardings = optim.create_state(
+      stacked.stack([params for _, params in loaded]), tx, shardings, mesh, num_runs=len(runs))
+  hyper = stacked.stack([classify_step.Hyper(lr_scale=np.float32(r.lr_peak / runs[0].lr_peak),
+                                             seed=np.int32(r.seed)) for r in runs])
+  train_step, predict = classify_step.jit_steps(step_config, tx, mesh, state_shardings)
+  workdir_lib.write_config(workdir, config.to_dict())
+  workdir_lib.write_model(workdir, model_config, init_dir, task=config.task,
+                          num_labels=task.num_labels, labels=list(task.label_names),
+                          runs=[{**dataclasses.asdict(r), "name": r.name} for r in runs])
 
-  # ---------------------------------------------------------------- Resume.
-  ckpt = checkpoint.Checkpointer(workdir, save_every_steps=config.checkpoint_every_steps,
-                                 keep_last=config.keep_checkpoints, keep_best=False)
-  first_step, restored = train.restore([ckpt], state, lambda tree, i: tree, 1, None)
-  if restored:
-    state = restored[0][0]
-    logging.info("Resumed from step %d of %s.", first_step, workdir)
-
-  # ---------------------------------------------------------------- Train loop.
-  writers = [metrics.MetricWriter(workdir / r.name, total_steps, r.name, first_step)
-             for r in runs]
+  # ---------------------------------------------------------------- Training.
   runs_batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
       None, sharding.BATCH_AXES))
   local = config.batch_size // jax.process_count()
   rows = slice(jax.process_index() * local, (jax.process_index() + 1) * local)
-  batches = glue.train_batches(train_data, config.batch_size, [r.seed for r in runs],
-                               start_step=first_step, buckets=config.buckets)
-  run_evaluate = lambda: evaluate(predict, state["params"], eval_data, task, config, mesh)
-  dev_metrics, tokens = [{}] * len(runs), 0.0
-  with checkpoint.PreemptionWatcher() as watcher:
-    for step_index in range(first_step + 1, total_steps + 1):
-      batch = next(batches)
-      batch["weights"] = np.ones(batch["labels"].shape, np.float32)
-      tokens += float(batch["attention_mask"].sum())
-      batch = {name: jax.make_array_from_process_local_data(runs_batch, x[:, rows])
-               for name, x in batch.items()}
-      state, train_metrics = train_step(state, batch, hyper)
-      finite = np.asarray(jax.device_get(train_metrics["finite"]))
-      if not finite.all():  # The update was not applied: the state is the last finite one.
-        ckpt.save(step_index, state, {"step": step_index}, force=True)
-        ckpt.wait()
-        bad = ", ".join(r.name for r, ok in zip(runs, finite, strict=True) if not ok)
-        raise errors.Diverged(f"step {step_index} of {bad} is not finite; saved checkpoint "
-                              f"{step_index}: lower the learning rate")
-      if step_index % config.log_every_steps == 0 or step_index == total_steps:
-        fetched = jax.device_get(train_metrics)
-        for i, (writer, r) in enumerate(zip(writers, runs, strict=True)):
-          scalars = {k: float(v[i]) for k, v in fetched.items()}
-          scalars["lr"] = float(schedule(step_index - 1)) * r.lr_peak / runs[0].lr_peak
-          writer.train(step_index, scalars, tokens, 0.0, 1.0)
-        tokens = 0.0
-      with metrics.paused(writers):
-        if step_index % config.eval_every_steps == 0 or step_index == total_steps:
-          dev_metrics = run_evaluate()
-          for writer, m in zip(writers, dev_metrics, strict=True):
-            writer.eval(step_index, m)
-        stop = watcher.should_stop(step_index)
-        ckpt.save(step_index, state, {"step": step_index},
-                  force=step_index == total_steps or stop)
-        if stop:
-          ckpt.wait()
-          logging.info("Preempted: saved step %d; start again to resume.", step_index)
-          break
-  ckpt.close()
-  for writer in writers:
-    writer.close()
+
+  def place(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    batch = {**batch, "weights": np.ones(batch["labels"].shape, np.float32)}
+    return {name: jax.make_array_from_process_local_data(runs_batch, x[:, rows])
+            for name, x in batch.items()}
+
+  fit = loop.Task(
+      train_step=lambda state, batch: train_step(state, batch, hyper),
+      batches=glue.TrainBatches(train_data, config.batch_size, [r.seed for r in runs],
+                                config.buckets),
+      place=place,
+      evaluate=lambda params: evaluate(predict, params, eval_data, task, config, mesh),
+      schedule=schedule,
+      flops=lambda batch: perf.classify_step_flops(model_config, *batch["input_ids"].shape),
+      peak_flops=peak_flops, num_runs=len(runs))
+  result = loop.train(
+      fit, state,
+      [loop.Run(r.name, workdir / r.name, r.lr_peak / runs[0].lr_peak) for r in runs],
+      [workdir], loop.Cadence.from_config(config, total_steps, keep_best=False,
+                                          eval_at_start=False))
 
   # ---------------------------------------------------------------- Results.
-  if int(np.asarray(jax.device_get(state["step"]))[0]) != total_steps:
+  if not result.finished:
     return {}
-  if first_step == total_steps:
-    dev_metrics = run_evaluate()
-  per_run = {r.name: m for r, m in zip(runs, dev_metrics, strict=True)}
+  per_run = {r.name: m for r, m in zip(runs, result.eval_metrics, strict=True)}
   results = {"task": config.task, "init": str(init_dir), "steps": total_steps,
              "train_examples": len(train_data), "runs": per_run, "summary": summarize(per_run)}
   if hosts.is_main():

@@ -5,14 +5,14 @@ r"""Distils a BERT teacher into a DistilBERT student (or trains a teacher on MLM
 
 Starting again on a workdir with a checkpoint resumes from it (with --config omitted, with the
 config saved there); SIGTERM (a TPU preemption) saves and exits cleanly. A changed config that
-alters the run's trajectory is refused unless --allow_config_change. The train loop itself is
-`distil_jax.train.run`.
+alters the run's trajectory is refused unless --allow_config_change. The distillation is
+`distil_jax.train.run`, its loop `distil_jax.loop.train`.
 """
 
 from absl import app
 from etils import epath
 
-from distil_jax import cli, train
+from distil_jax import cli, train, workdir
 
 
 def main(argv) -> None:
@@ -26,7 +26,7 @@ def main(argv) -> None:
       raise app.UsageError("--config is required to start a run (e.g. "
                            "--config=experiments/tiny.py); only a workdir that holds a run "
                            "resumes without it")
-    config = train.saved_config(cli.WORKDIR.value)
+    config = workdir.saved_config(cli.WORKDIR.value)
   train.run([config], [cli.WORKDIR.value], allow_config_change=cli.ALLOW_CONFIG_CHANGE.value,
             resume_step=cli.RESUME_STEP.value)
 

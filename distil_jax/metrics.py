@@ -49,19 +49,19 @@ class MetricWriter:
     self._lines.append(json.dumps(row))
     storage.write_atomic(self._path, "\n".join(self._lines) + "\n")
 
-  def train(self, step: int, scalars: dict[str, float], tokens: float,
-            flops_per_step: float, peak_flops: float) -> None:
+  def train(self, step: int, scalars: dict[str, float], tokens: float, flops: float,
+            peak_flops: float) -> None:
     """Logs the train metrics of `step`, with throughput since the previous call.
 
-    `tokens` are real tokens since the previous call; MFU is left out when `flops_per_step` is
-    not known (0).
+    `tokens` are real tokens and `flops` the model FLOPs of the steps since the previous call;
+    MFU (against `peak_flops` per device) is left out when `flops` is not known (0).
     """
     now = time.perf_counter()
     if self._last is not None:
       seconds, steps = now - self._last[0] - self._excluded, step - self._last[1]
       scalars = {**scalars, "tokens_per_s": tokens / seconds, "steps_per_s": steps / seconds}
-      if flops_per_step:
-        scalars["mfu"] = flops_per_step * steps / seconds / (peak_flops * jax.device_count())
+      if flops:
+        scalars["mfu"] = flops / seconds / (peak_flops * jax.device_count())
     self._last, self._excluded = (now, step), 0.0
     if not self.enabled:
       return

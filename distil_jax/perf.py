@@ -1,11 +1,11 @@
-"""FLOPs of a train step and the peak FLOP/s of a device, for MFU."""
+"""FLOPs of the train steps and the peak FLOP/s of a device, for MFU."""
 
 import time
 
 import jax
 import jax.numpy as jnp
 
-from distil_jax import models, step
+from distil_jax import distill_step, models
 
 # Dense bf16 peak FLOP/s per device, by `device_kind` prefix.
 PEAK_FLOPS = {
@@ -30,16 +30,23 @@ def forward_flops(config: models.ModelConfig, seq_len: int, logit_positions: int
   return config.num_layers * seq_len * per_token_layer + logit_positions * head
 
 
-def train_step_flops(config: step.StepConfig, batch_size: int, seq_len: int) -> float:
-  """FLOPs of one update: the student's forward and backward (3x forward, once per point of a
+def train_step_flops(config: distill_step.StepConfig, batch_size: int, seq_len: int) -> float:
+  """FLOPs of one update: the student's forward and backward (3x forward, once per run of a
   fused sweep), the teacher's forward (once), on every (padded) position; logits where the step
   computes them."""
   gathered = config.gather_logits and (config.teacher is None or config.restrict_ce_to_mask)
   positions = min(config.max_predictions, seq_len) if gathered else seq_len
-  flops = 3 * max(config.num_points, 1) * forward_flops(config.student, seq_len, positions)
+  flops = 3 * max(config.num_runs, 1) * forward_flops(config.student, seq_len, positions)
   if config.teacher is not None:
     flops += forward_flops(config.teacher, seq_len, positions)
   return batch_size * flops
+
+
+def classify_step_flops(config: models.ModelConfig, num_runs: int, batch_size: int,
+                        seq_len: int) -> float:
+  """FLOPs of one fine-tuning update of `num_runs` stacked runs, each on its own batch: the
+  encoder's forward and backward (the classification head is negligible)."""
+  return 3 * num_runs * batch_size * forward_flops(config, seq_len, 0)
 
 
 def peak_flops_per_device(device: jax.Device | None = None) -> float:

@@ -9,7 +9,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from distil_jax.results import SEEDS, TEMPERATURE, Point, ordered, setting, spread
+from distil_jax.results import SEEDS, TEMPERATURE, Run, ordered, setting, spread
 
 ACCURACY = "held-out masked-token accuracy (%)"
 _SHORT = {"temperature": "T", "alpha_ce": "α_ce", "alpha_mlm": "α_mlm", "alpha_cos": "α_cos",
@@ -23,13 +23,13 @@ def label(items: Sequence[tuple[str, object]]) -> str:
   return ", ".join(f"{short(k)}={value(v)}" for k, v in items) or "student"
 
 
-def percent(point: Point, metric: str = "student_accuracy") -> float:
-  return 100 * point.metrics()[metric]
+def percent(run: Run, metric: str = "student_accuracy") -> float:
+  return 100 * run.metrics()[metric]
 
 
-def teacher_accuracy(points: Sequence[Point]) -> float | None:
+def teacher_accuracy(runs: Sequence[Run]) -> float | None:
   """The teacher's final accuracy in %, averaged over finished distill runs (None: no teacher)."""
-  values = [percent(p, "teacher_accuracy") for p in points
+  values = [percent(p, "teacher_accuracy") for p in runs
             if p.finished and "teacher_accuracy" in p.metrics()]
   return sum(values) / len(values) if values else None
 
@@ -60,17 +60,17 @@ def _means(value_lists: Sequence[list[float]]) -> tuple[list[float], list | None
   return means, [[s.mean - s.min for s in spreads], [s.max - s.mean for s in spreads]]
 
 
-def _over_seeds(groups: dict[tuple, list[Point]]) -> str:
+def _over_seeds(groups: dict[tuple, list[Run]]) -> str:
   return " (mean over seeds, bars: min–max)" if any(len(g) > 1 for g in groups.values()) else ""
 
 
-def accuracy_vs_temperature(groups: dict[tuple, list[Point]], teacher: float | None,
+def accuracy_vs_temperature(groups: dict[tuple, list[Run]], teacher: float | None,
                             path: pathlib.Path) -> None:
   """Final student accuracy vs T, a line per setting of the other keys, mean over seeds."""
   lines = {}
-  for items, points in groups.items():
+  for items, runs in groups.items():
     other = tuple(item for item in items if item[0] != TEMPERATURE)
-    lines.setdefault(other, {})[dict(items)[TEMPERATURE]] = [percent(p) for p in points]
+    lines.setdefault(other, {})[dict(items)[TEMPERATURE]] = [percent(p) for p in runs]
   ticks = sorted({t for by_t in lines.values() for t in by_t})
   figure = _figure(8, 4.5)
   axes = figure.subplots()
@@ -93,25 +93,25 @@ def accuracy_vs_temperature(groups: dict[tuple, list[Point]], teacher: float | N
   figure.savefig(path)
 
 
-def _curve(axes, point: Point, color) -> None:
-  """A point's student accuracy vs step; its teacher's dashed; an x where an unfinished run is."""
-  steps = [row["step"] for row in point.evals]
-  student = [100 * row["student_accuracy"] for row in point.evals]
+def _curve(axes, run: Run, color) -> None:
+  """A run's student accuracy vs step; its teacher's dashed; an x where an unfinished run is."""
+  steps = [row["step"] for row in run.evals]
+  student = [100 * row["student_accuracy"] for row in run.evals]
   axes.plot(steps, student, color=color, linewidth=1.2)
-  if "teacher_accuracy" in point.evals[-1]:
-    axes.plot(steps, [100 * row["teacher_accuracy"] for row in point.evals], color="black",
+  if "teacher_accuracy" in run.evals[-1]:
+    axes.plot(steps, [100 * row["teacher_accuracy"] for row in run.evals], color="black",
               linestyle="--", linewidth=1, alpha=0.6)
-  if not point.finished:
+  if not run.finished:
     axes.plot(steps[-1], student[-1], "x", color=color, markersize=10, markeredgewidth=2.5)
 
 
-def learning_curves(points: Sequence[Point], keys: Sequence[str], path: pathlib.Path) -> None:
-  """Held-out student accuracy vs step of every point that has evals, seeds in one colour.
+def learning_curves(runs: Sequence[Run], keys: Sequence[str], path: pathlib.Path) -> None:
+  """Held-out student accuracy vs step of every run that has evals, seeds in one colour.
 
   When the temperature varies, a panel per setting of the other keys and a colour per
   temperature (dark to light); otherwise one panel and a colour per setting.
   """
-  evaluated = [p for p in ordered(points, keys) if p.evals]
+  evaluated = [p for p in ordered(runs, keys) if p.evals]
   by_temperature = TEMPERATURE in keys
   panel_keys = [k for k in keys if k != TEMPERATURE] if by_temperature else []
   colour_keys = [TEMPERATURE] if by_temperature else keys
@@ -125,9 +125,9 @@ def learning_curves(points: Sequence[Point], keys: Sequence[str], path: pathlib.
   figure = _figure(max(8, 3.4 * columns + 1.8), max(4.5, 3 * rows + 1))
   grid = figure.subplots(rows, columns, sharex=True, sharey=True, squeeze=False).flat
   for axes, panel in zip(grid, panels, strict=False):
-    for point in evaluated:
-      if setting(point, panel_keys) == panel:
-        _curve(axes, point, color[setting(point, colour_keys)])
+    for run in evaluated:
+      if setting(run, panel_keys) == panel:
+        _curve(axes, run, color[setting(run, colour_keys)])
     if len(panels) > 1:
       axes.set_title(label(panel), fontsize="medium")
     axes.grid(alpha=0.3)
@@ -147,11 +147,11 @@ def learning_curves(points: Sequence[Point], keys: Sequence[str], path: pathlib.
   figure.savefig(path)
 
 
-def final_accuracy(groups: dict[tuple, list[Point]], teacher: float | None,
+def final_accuracy(groups: dict[tuple, list[Run]], teacher: float | None,
                    path: pathlib.Path) -> None:
   """Horizontal bars: final student accuracy per setting, mean over seeds, min–max bars."""
   labels = [label(items) for items in groups]
-  means, errors = _means([[percent(p) for p in points] for points in groups.values()])
+  means, errors = _means([[percent(p) for p in runs] for runs in groups.values()])
   figure = _figure(8, max(3.5, 1.4 + 0.45 * len(labels)))
   axes = figure.subplots()
   bars = axes.barh(range(len(labels)), means, xerr=errors, color=_colors(1)[0], capsize=3,

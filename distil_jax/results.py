@@ -1,7 +1,7 @@
 """Reads finished and unfinished runs from workdirs: their config and held-out evaluations.
 
-A point is one run: a workdir of `distil_jax.main` (config.json + metrics.jsonl), found directly
-or through a sweep workdir's sweep.json (`[{"overrides": {...}, "workdir": "..."}, ...]`, each
+A run is a workdir of `distil_jax.main` (config.json + metrics.jsonl), found directly or
+through a sweep workdir's sweep.json (`[{"overrides": {...}, "workdir": "..."}, ...]`, each
 workdir relative to the sweep's). Nothing here draws or formats: `distil_jax.report` does.
 """
 
@@ -29,7 +29,7 @@ class ReportError(errors.UserError, ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
-class Point:
+class Run:
   """One run: its config values (dotted keys), its eval rows and how far it got."""
   name: str
   path: pathlib.Path
@@ -104,7 +104,7 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
   return flat
 
 
-def read_run(path: pathlib.Path, overrides: dict[str, Any] | None = None) -> Point:
+def read_run(path: pathlib.Path, overrides: dict[str, Any] | None = None) -> Run:
   """The run in `path`; `overrides` (from a sweep) stand in for a config not written yet."""
   config_path = path / "config.json"
   if config_path.exists():
@@ -115,7 +115,7 @@ def read_run(path: pathlib.Path, overrides: dict[str, Any] | None = None) -> Poi
     raise ReportError(f"{path} has neither sweep.json nor config.json: pass a sweep workdir or "
                       "the workdir of a distil_jax.main run")
   evals, last_step = read_metrics(path / "metrics.jsonl")
-  return Point(name=path.name, path=path, values=values, overrides=tuple(overrides or ()),
+  return Run(name=path.name, path=path, values=values, overrides=tuple(overrides or ()),
                evals=evals, last_step=last_step, total_steps=values.get("total_steps"))
 
 
@@ -129,26 +129,26 @@ def _sweep_entries(path: pathlib.Path) -> list[dict]:
   return entries
 
 
-def read_workdir(path: pathlib.Path) -> list[Point]:
-  """The points of a sweep workdir (with sweep.json), or the one run of a run workdir."""
+def read_workdir(path: pathlib.Path) -> list[Run]:
+  """The runs of a sweep workdir (with sweep.json), or the one run of a run workdir."""
   if (path / "sweep.json").exists():
     return [read_run(path / e["workdir"], e.get("overrides", {}))
             for e in _sweep_entries(path / "sweep.json")]
   return [read_run(path)]
 
 
-def read(paths: Sequence[str | pathlib.Path]) -> list[Point]:
-  """Every point of the sweep and run workdirs `paths`, named by their path relative to the
+def read(paths: Sequence[str | pathlib.Path]) -> list[Run]:
+  """Every run of the sweep and run workdirs `paths`, named by their path relative to the
   directory that holds them all; an error if none has been evaluated yet."""
-  points = [p for path in paths for p in read_workdir(pathlib.Path(path))]
-  if not any(p.evals for p in points):
-    raise ReportError(f"no eval row in the metrics.jsonl of any of the {len(points)} runs: "
+  runs = [p for path in paths for p in read_workdir(pathlib.Path(path))]
+  if not any(p.evals for p in runs):
+    raise ReportError(f"no eval row in the metrics.jsonl of any of the {len(runs)} runs: "
                       "report after the first evaluation (eval_every_steps)")
-  if len(points) > 1:
-    common = os.path.commonpath([p.path.resolve() for p in points])
-    points = [dataclasses.replace(p, name=os.path.relpath(p.path.resolve(), common))
-              for p in points]
-  return points
+  if len(runs) > 1:
+    common = os.path.commonpath([p.path.resolve() for p in runs])
+    runs = [dataclasses.replace(p, name=os.path.relpath(p.path.resolve(), common))
+              for p in runs]
+  return runs
 
 
 def comparable(value: Any) -> str:
@@ -165,30 +165,30 @@ def sort_key(value: Any) -> tuple:
   return (1, 0.0, str(value))
 
 
-def varying_keys(points: Sequence[Point]) -> list[str]:
-  """Config keys with more than one value among the points: sweep overrides first."""
-  keys = list(dict.fromkeys(k for p in points for k in p.overrides))
-  keys += sorted({k for p in points for k in p.values} - set(keys))
-  return [k for k in keys if len({comparable(p.values[k]) for p in points if k in p.values}) > 1]
+def varying_keys(runs: Sequence[Run]) -> list[str]:
+  """Config keys with more than one value among the runs: sweep overrides first."""
+  keys = list(dict.fromkeys(k for p in runs for k in p.overrides))
+  keys += sorted({k for p in runs for k in p.values} - set(keys))
+  return [k for k in keys if len({comparable(p.values[k]) for p in runs if k in p.values}) > 1]
 
 
-def setting(point: Point, keys: Sequence[str]) -> tuple:
-  """The point's values of `keys`, except the seeds: points that differ only in their seeds
+def setting(run: Run, keys: Sequence[str]) -> tuple:
+  """The run's values of `keys`, except the seeds: runs that differ only in their seeds
   (`seed`, `data.seed`) share it."""
-  return tuple((k, point.values.get(k)) for k in keys if k not in SEEDS)
+  return tuple((k, run.values.get(k)) for k in keys if k not in SEEDS)
 
 
-def ordered(points: Sequence[Point], keys: Sequence[str]) -> list[Point]:
-  """The points sorted by their values of `keys`, then by name."""
-  return sorted(points, key=lambda p: (*(sort_key(p.values.get(k)) for k in keys), p.name))
+def ordered(runs: Sequence[Run], keys: Sequence[str]) -> list[Run]:
+  """The runs sorted by their values of `keys`, then by name."""
+  return sorted(runs, key=lambda p: (*(sort_key(p.values.get(k)) for k in keys), p.name))
 
 
-def by_setting(points: Sequence[Point], keys: Sequence[str]) -> dict[tuple, list[Point]]:
-  """Finished points grouped by setting, settings in the order of their values."""
+def by_setting(runs: Sequence[Run], keys: Sequence[str]) -> dict[tuple, list[Run]]:
+  """Finished runs grouped by setting, settings in the order of their values."""
   groups = {}
-  for point in points:
-    if point.finished:
-      groups.setdefault(setting(point, keys), []).append(point)
+  for run in runs:
+    if run.finished:
+      groups.setdefault(setting(run, keys), []).append(run)
   order = lambda item: tuple(sort_key(v) for _, v in item[0])
   return dict(sorted(groups.items(), key=order))
 

@@ -255,11 +255,9 @@ def sweep(base: ml_collections.ConfigDict, grid: list[dict[str, Any]], directory
     if not todo:
       logging.info("Group %d is finished.", index)
       continue
+    # A preemption raises errors.Preempted: running the command again resumes.
     train.run([p.config for p in todo], [directory / p.workdir for p in todo],
               [p.workdir for p in todo] if len(points) > 1 else None, allow_config_change)
-    if not all(finished(p, directory) for p in todo):
-      logging.info("Sweep stopped (preempted); start the same command again to resume.")
-      return
 
 
 def main(argv) -> None:

@@ -34,6 +34,10 @@ def get_config() -> config_dict.ConfigDict:
   config.clip_norm = 1.0
   config.dtype = "float32"
   config.mesh_shape = (-1, 1, 1)
+  # A step with a non-finite loss, gradient or result is never applied; then "stop" saves the
+  # last good state and ends, "skip" goes on (at most max_skipped_steps times).
+  config.on_nonfinite = "stop"
+  config.max_skipped_steps = 10
   config.log_every_steps = 50
   config.eval_every_steps = 500
   config.checkpoint_every_steps = 500

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 
-from distil_jax import losses, models, points, sharding, step, student
+from distil_jax import distill_step, losses, models, optim, sharding, stacked, student
 
 VOCAB, SEQ = 64, 12
 TEACHER = models.ModelConfig(vocab_size=VOCAB, hidden_size=16, num_layers=4, num_heads=2,
@@ -34,10 +34,10 @@ def random_batch(batch_size: int, seed: int = 0, mask_every: int = 4) -> dict:
 @functools.cache
 def setup(teacher_config=TEACHER, student_layers=(0, 3), *, with_teacher=True, project=False,
           frozen=(), lr=1e-2, sgd=False, accum_steps=1, restrict_ce_to_mask=False,
-          gather_logits=True, weight_decay=0.0, mesh=None, seed=0, num_points=0, dropout=0.0,
+          gather_logits=True, weight_decay=0.0, mesh=None, seed=0, num_runs=0, dropout=0.0,
           mse=True):
   """Teacher, student, optimizer (AdamW, or SGD with `sgd`), sharded state and compiled steps on
-  `mesh` (one device by default); with `num_points`, that many copies of the student stacked.
+  `mesh` (one device by default); with `num_runs`, that many copies of the student stacked.
   `dropout` is the hidden and attention dropout of both models (the step must keep the teacher
   deterministic). Cached: take the state with `fresh_state`, since the train step donates it."""
   teacher_config = dataclasses.replace(teacher_config, hidden_dropout=dropout,
@@ -52,22 +52,22 @@ def setup(teacher_config=TEACHER, student_layers=(0, 3), *, with_teacher=True, p
     student_config = dataclasses.replace(student_config, hidden_size=8, intermediate_size=16)
     student_params = models.init_params(student_config, seed + 1)
   mesh = mesh or sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-  config = step.StepConfig(student=student_config,
-                           teacher=teacher_config if with_teacher else None,
-                           restrict_ce_to_mask=restrict_ce_to_mask, gather_logits=gather_logits,
-                           max_predictions=6, accum_steps=accum_steps, num_points=num_points,
-                           mse=mse)
-  tx = optax.sgd(lr) if sgd else step.make_optimizer(
+  config = distill_step.StepConfig(student=student_config,
+                                   teacher=teacher_config if with_teacher else None,
+                                   restrict_ce_to_mask=restrict_ce_to_mask,
+                                   gather_logits=gather_logits, max_predictions=6,
+                                   accum_steps=accum_steps, num_runs=num_runs, mse=mse)
+  tx = optax.sgd(lr) if sgd else optim.make_optimizer(
       total_steps=200, lr_peak=lr, warmup_steps=0, frozen=frozen, weight_decay=weight_decay)[0]
   params = {"student": student_params}
   if project:
-    params["projection"] = step.init_projection(8, teacher_config.hidden_size)
+    params["projection"] = distill_step.init_projection(8, teacher_config.hidden_size)
     # A non-zero bias (it starts at zero), so that a step that leaves it out differs.
     params["projection"]["bias"] = jax.random.normal(jax.random.key(seed + 2),
                                                      (teacher_config.hidden_size,))
-  if num_points:
-    params = points.stack([params] * num_points)
-  state, teacher, train, evaluate = step.prepare(
+  if num_runs:
+    params = stacked.stack([params] * num_runs)
+  state, teacher, train, evaluate = distill_step.prepare(
       config, params, teacher_params if with_teacher else None, tx, mesh)
   return dict(state=state, teacher=teacher, train=train, evaluate=evaluate, config=config,
               teacher_params=teacher_params, mesh=mesh, tx=tx)

@@ -43,16 +43,21 @@ def start(module: str, workdir: pathlib.Path | str, bert_dir: pathlib.Path | str
   """`python -m distil_jax.<module>` on the test config, as a user runs it (in `env`); with
   `config_path` None, on the workdir alone (a run resumed with its saved config)."""
   data_dir = data_dir or pathlib.Path(corpus).parent / "data"
-  command = [sys.executable, "-m", f"distil_jax.{module}", f"--workdir={workdir}", *flags]
+  inputs = []
   if config_path:
-    command[4:4] = [f"--config={config_path}", f"--config.teacher={bert_dir}",
-                    f"--config.data.sources=('text:{corpus}',)",
-                    f"--config.data.data_dir={data_dir}"]
+    inputs = [f"--config={config_path}", f"--config.teacher={bert_dir}",
+              f"--config.data.sources=('text:{corpus}',)", f"--config.data.data_dir={data_dir}"]
+  return launch(module, *inputs, f"--workdir={workdir}", *flags, devices=devices, env=env)
+
+
+def launch(module: str, *flags: str, devices: int | None = None,
+           env: dict[str, str] | None = None) -> subprocess.Popen:
+  """`python -m distil_jax.<module> FLAGS...` on the CPU (with `devices` of them), in `env`."""
   env = {**(env or os.environ), "JAX_PLATFORMS": "cpu"}
   if devices:
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-  return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+  return subprocess.Popen([sys.executable, "-m", f"distil_jax.{module}", *flags], cwd=ROOT,
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def finish(*processes: subprocess.Popen, returncode: int = 0) -> list[str]:

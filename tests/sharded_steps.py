@@ -15,16 +15,16 @@ import numpy as np
 from flax import traverse_util
 from helpers import random_batch, setup
 
-from distil_jax import losses, points, sharding, step
+from distil_jax import distill_step, losses, sharding, stacked
 
 MESHES = {"single": (1, 1, 1), "data8": (8, 1, 1), "data2_fsdp4": (2, 4, 1),
           "data2_fsdp2_tensor2": (2, 2, 2)}
 # Two fused runs (a sweep's points) with different temperatures, weights, lr scales and seeds.
-FUSED_HYPER = points.stack([
-    step.Hyper(losses.LossWeights(jnp.float32(1), jnp.float32(5), jnp.float32(2),
-                                  jnp.float32(1), jnp.float32(0)), jnp.float32(1), jnp.int32(0)),
-    step.Hyper(losses.LossWeights(jnp.float32(4), jnp.float32(0.5), jnp.float32(1),
-                                  jnp.float32(0), jnp.float32(0)), jnp.float32(0.5), jnp.int32(1)),
+FUSED_HYPER = stacked.stack([
+    distill_step.Hyper(losses.LossWeights(*map(jnp.float32, (1, 5, 2, 1, 0))), jnp.float32(1),
+                       jnp.int32(0)),
+    distill_step.Hyper(losses.LossWeights(*map(jnp.float32, (4, 0.5, 1, 0, 0))),
+                       jnp.float32(0.5), jnp.int32(1)),
 ])
 
 
@@ -34,16 +34,16 @@ def main(out_dir: str) -> None:
   specs = {}
   runs = {name: (shape, 0) for name, shape in MESHES.items()}
   runs.update({f"fused_{name}": (MESHES[name], 2) for name in ("single", "data2_fsdp2_tensor2")})
-  for name, (shape, num_points) in runs.items():
+  for name, (shape, num_runs) in runs.items():
     devices = jax.devices()[:int(np.prod(shape))]
     # SGD, not Adam: Adam's first updates are ±lr whatever the gradient's size, which turns
     # rounding noise in zero-gradient parameters (the attention key bias) into full steps.
     run = setup(mesh=sharding.make_mesh(shape, devices=devices), accum_steps=2, sgd=True,
-                lr=0.05, num_points=num_points)
+                lr=0.05, num_runs=num_runs)
     state, step_losses = run["state"], []
     for _ in range(3):
       state, metrics = run["train"](state, run["teacher"], batch,
-                                    FUSED_HYPER if num_points else step.Hyper())
+                                    FUSED_HYPER if num_runs else distill_step.Hyper())
       step_losses.append(np.asarray(metrics["loss"]))
     flat = traverse_util.flatten_dict(state["params"]["student"], sep="/")
     np.savez(os.path.join(out_dir, f"{name}.npz"), losses=step_losses,

@@ -263,21 +263,6 @@ def test_corrupt_metrics_file_is_reported(tmp_path):
   assert (tmp_path / "checkpoints" / "10" / "state").is_dir()
 
 
-def test_config_round_trip_and_corrupt_config(tmp_path):
-  config = {"model": {"layers": 6, "dim": 384}, "lr": 5e-4, "name": "tiny", "seq": [1, 2]}
-  checkpoint.write_config(tmp_path / "run", config)
-  text = (tmp_path / "run" / "config.json").read_text()
-  assert text.startswith('{\n  "lr": 0.0005,\n  "model": {\n    "dim": 384,')
-  assert checkpoint.read_config(tmp_path / "run") == config
-  (tmp_path / "run" / "config.json").write_text('{"lr": ')
-  with pytest.raises(checkpoint.CheckpointError) as error:
-    checkpoint.read_config(tmp_path / "run")
-  assert "\n" not in str(error.value)
-  assert str(error.value).startswith(f"{tmp_path}/run/config.json is not valid JSON (")
-  with pytest.raises(checkpoint.CheckpointError, match=r"config.json does not exist; pass"):
-    checkpoint.read_config(tmp_path / "elsewhere")
-
-
 def test_watcher_restores_previous_sigterm_handler():
   def previous(signum, frame):
     del signum, frame
@@ -329,6 +314,7 @@ def _free_port():
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("distributed", [False, True])
 def test_sigterm_saves_exits_cleanly_and_resumes(tmp_path, distributed):
   port = _free_port() if distributed else 0

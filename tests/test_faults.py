@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from distil_jax import checkpoint, errors, export, train
+from distil_jax import checkpoint, errors, export, train, workdir
 from tests import runs
 
 SHORT = {"total_steps": 4, "checkpoint_every_steps": 1, "log_every_steps": 1,
@@ -49,6 +49,7 @@ def finished(tmp_path_factory, bert_dir, corpus) -> pathlib.Path:
   return workdir
 
 
+@pytest.mark.slow
 def test_nonfinite_steps_are_never_applied_and_the_run_stops_or_skips(tmp_path, bert_dir,
                                                                         corpus):
   with pytest.raises(errors.Diverged, match=r"^step 2 is not finite \(loss=nan, loss_ce=nan"):
@@ -69,18 +70,19 @@ def test_nonfinite_steps_are_never_applied_and_the_run_stops_or_skips(tmp_path, 
   assert [r["skipped_steps"] for r in rows] == [0, 1, 2, 3]
 
 
+@pytest.mark.slow
 def test_a_changed_config_is_refused_before_anything_is_written(finished, bert_dir, corpus):
   before = _snapshot(finished)
-  with pytest.raises(checkpoint.CheckpointError,
+  with pytest.raises(workdir.WorkdirError,
                      match=r"holds a run with another config \(optim.lr_peak: 0.001 -> 0.002; "
                            r"total_steps: 4 -> 6\): use a new --workdir"):
     _run(finished, bert_dir, corpus, export=False, total_steps=6, **{"optim.lr_peak": 2e-3})
-  with pytest.raises(checkpoint.CheckpointError,
+  with pytest.raises(workdir.WorkdirError,
                      match=r"holds a 2-layer DistilBERT student \(hidden 32, 4 heads, mlp 64, "
                            r"vocab 30522, 128 positions\), this config makes a 1-layer"):
     _run(finished, bert_dir, corpus, export=False, allow_config_change=True,
          **{"student.num_layers": 1})
-  with pytest.raises(checkpoint.CheckpointError, match="checkpoint at step 4, past total_steps=3"):
+  with pytest.raises(workdir.WorkdirError, match="checkpoint at step 4, past total_steps=3"):
     _run(finished, bert_dir, corpus, export=False, total_steps=3, allow_config_change=True)
   assert _snapshot(finished) == before
   # What only changes logging is accepted; the run is finished, so nothing is redone.
@@ -88,6 +90,7 @@ def test_a_changed_config_is_refused_before_anything_is_written(finished, bert_d
   assert runs.train_losses(finished).keys() == {1, 2, 3, 4}
 
 
+@pytest.mark.slow
 def test_a_corrupt_latest_checkpoint_is_set_aside_and_the_run_resumes_before_it(
     finished, tmp_path, bert_dir, corpus):
   workdir = tmp_path / "run"
@@ -109,15 +112,16 @@ def test_a_corrupt_latest_checkpoint_is_set_aside_and_the_run_resumes_before_it(
                              rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_a_workdir_is_locked_while_a_run_holds_it(finished, bert_dir, corpus):
   lock = finished / "lock.json"
   here = socket.gethostname()
   lock.write_text(json.dumps({"host": here, "pid": os.getpid(), "heartbeat": time.time()}))
-  with pytest.raises(checkpoint.CheckpointError,
+  with pytest.raises(workdir.WorkdirError,
                      match=rf"is in use by process {os.getpid()} on host {here} \(heartbeat"):
     _run(finished, bert_dir, corpus, export=False)
   lock.write_text(json.dumps({"host": "elsewhere", "pid": 1, "heartbeat": time.time()}))
-  with pytest.raises(checkpoint.CheckpointError, match="in use by process 1 on host elsewhere"):
+  with pytest.raises(workdir.WorkdirError, match="in use by process 1 on host elsewhere"):
     _run(finished, bert_dir, corpus, export=False)
   # Stale: a dead process of this host, or another host's heartbeat older than 10 minutes.
   dead = subprocess.Popen(["true"])
@@ -129,6 +133,7 @@ def test_a_workdir_is_locked_while_a_run_holds_it(finished, bert_dir, corpus):
     assert not lock.exists()
 
 
+@pytest.mark.slow
 def test_export_refuses_a_directory_holding_something_else(finished, tmp_path):
   teacher_like = tmp_path / "teacher"
   teacher_like.mkdir()
@@ -174,6 +179,7 @@ def test_a_tokenizer_that_is_not_the_teachers_is_refused(tmp_path, bert_dir, cor
     _run(tmp_path / "run", bert_dir, corpus, tokenizer=str(tokenizer))
 
 
+@pytest.mark.slow
 def test_user_errors_print_one_line_without_a_traceback(tmp_path, bert_dir, corpus):
   (output,) = runs.finish(runs.start("main", tmp_path, bert_dir, corpus,
                                      "--config.data.sources=('text:/nowhere/*.txt',)"),
@@ -185,6 +191,7 @@ def test_user_errors_print_one_line_without_a_traceback(tmp_path, bert_dir, corp
   assert "Traceback" not in output and "--config is required to start a run" in output
 
 
+@pytest.mark.slow
 def test_kill_9_during_an_asynchronous_save_resumes_from_the_last_complete_one(
     tmp_path, bert_dir, corpus, finished):
   flags = [f"--config.{key}={value}" for key, value in {**SHORT, "export": False}.items()]
@@ -201,6 +208,7 @@ def test_kill_9_during_an_asynchronous_save_resumes_from_the_last_complete_one(
                              list(runs.train_losses(finished).values()), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_storage_failing_mid_run_stops_in_one_line_at_once(tmp_path, bert_dir, corpus):
   process = runs.start("main", tmp_path, bert_dir, corpus, "--config.total_steps=500",
                        "--config.checkpoint_every_steps=2", "--config.eval_every_steps=1000")

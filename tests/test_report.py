@@ -125,8 +125,8 @@ def test_the_resumed_run_reports_its_last_logged_row(sweep):
 def test_unfinished_runs_are_marked_and_left_out_of_the_means(sweep):
   root, _ = sweep
   text = (root / "report.md").read_text()
-  points, summary = _tables(text)
-  stopped, not_started = points[8], points[9]
+  runs, summary = _tables(text)
+  stopped, not_started = runs[8], runs[9]
   assert stopped["status"] == "**unfinished: step 30 of 60**" and stopped["step"] == "20"
   assert not_started["status"] == "**not started**" and not_started["student acc"] == "—"
   assert "Unfinished, so left out of the means and the final-accuracy figures: T4_ce5_seed0 " \

@@ -12,13 +12,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from distil_jax import losses, models, points, step
+from distil_jax import distill_step, losses, models, optim, stacked
 
 # Five distinct values, so that a weight applied to the wrong part shows. Python floats: every
 # test's Hyper has the same types, so the steps compiled by `setup` serve them all.
 WEIGHTS = losses.LossWeights(temperature=3.0, alpha_ce=5.0, alpha_mlm=2.0, alpha_cos=1.5,
                              alpha_mse=0.02)
-HYPER = step.Hyper(WEIGHTS)
+HYPER = distill_step.Hyper(WEIGHTS)
 
 
 def _host(tree):
@@ -50,11 +50,12 @@ def _assert_metrics_match(metrics, expected):
 
 
 @pytest.mark.parametrize("options", [
-    {}, {"accum_steps": 4}, {"restrict_ce_to_mask": True},
+    {}, pytest.param({"accum_steps": 4}, marks=pytest.mark.slow), {"restrict_ce_to_mask": True},
     {"restrict_ce_to_mask": True, "accum_steps": 4},
-    {"restrict_ce_to_mask": True, "gather_logits": False}, {"project": True},
+    pytest.param({"restrict_ce_to_mask": True, "gather_logits": False}, marks=pytest.mark.slow),
+    {"project": True},
 ], ids=["all_tokens", "all_tokens_accum4", "masked_gather", "masked_gather_accum4",
-        "masked_no_gather", "projection"])
+        "masked_no_gather", "projection"])  # Two variants are in the slow tier only.
 def test_train_step_equals_the_reference(options):
   batch = random_batch(8, seed=3)  # Rows of unequal lengths and masked counts.
   assert (batch["attention_mask"] == 0).any()
@@ -94,7 +95,7 @@ def test_step_without_mse_leaves_it_out_whatever_its_weight():
 
 
 # Fused points with dropout: their updates differ by seed, and the teacher must stay deterministic.
-FUSED = {"num_points": 2, "dropout": 0.1}
+FUSED = {"num_runs": 2, "dropout": 0.1}
 
 
 def _dropout_key(seed: int) -> jax.Array:
@@ -103,10 +104,10 @@ def _dropout_key(seed: int) -> jax.Array:
 
 
 def test_fused_points_equal_the_reference_of_each():
-  hypers = [HYPER._replace(seed=7), step.Hyper(losses.LossWeights(1.0, 0.5, 3.0, 0.0, 0.1),
-                                                0.25, 8)]
+  hypers = [HYPER._replace(seed=7),
+            distill_step.Hyper(losses.LossWeights(1.0, 0.5, 3.0, 0.0, 0.1), 0.25, 8)]
   batch = random_batch(8, seed=3)
-  run, params, update, metrics = _sgd_step(batch, points.stack(hypers), **FUSED)
+  run, params, update, metrics = _sgd_step(batch, stacked.stack(hypers), **FUSED)
   for i, hyper in enumerate(hypers):
     take = lambda tree, i=i: jax.tree.map(lambda x: x[i], tree)
     grads, expected = reference.gradient(take(params), run["teacher_params"], batch,
@@ -118,7 +119,7 @@ def test_fused_points_equal_the_reference_of_each():
 
 def test_dropout_is_the_students_alone_and_follows_the_seed():
   batch = random_batch(8, seed=3)
-  hyper = points.stack([HYPER._replace(seed=7), HYPER._replace(seed=8)])  # Only seeds differ.
+  hyper = stacked.stack([HYPER._replace(seed=7), HYPER._replace(seed=8)])  # Only seeds differ.
   run, params, update, metrics = _sgd_step(batch, hyper, **FUSED)
   assert run["config"].teacher.hidden_dropout == run["config"].student.hidden_dropout == 0.1
   again = _sgd_step(batch, hyper, **FUSED)[2]
@@ -148,13 +149,22 @@ def test_eval_step_equals_the_reference():
   assert 0 < expected["agreement"] < expected["count"]
   _assert_metrics_match(sums, expected)
   n = float(expected["count"])
-  summary = step.summarize_eval(jax.tree.map(float, sums))
+  summary = distill_step.summarize_eval(jax.tree.map(float, sums))
   np.testing.assert_allclose(
       [summary[k] for k in ("eval_loss", "student_accuracy", "teacher_accuracy", "agreement",
                             "kl_t1", "student_perplexity", "teacher_perplexity")],
       [expected["student_nll"] / n, expected["student_correct"] / n,
        expected["teacher_correct"] / n, expected["agreement"] / n, expected["kl"] / n,
        np.exp(expected["student_nll"] / n), np.exp(expected["teacher_nll"] / n)], rtol=2e-5)
+
+
+def test_summarize_eval_takes_each_figure_from_its_own_sums():
+  sums = {"count": 4.0, "student_correct": 3.0, "student_nll": 2.0, "teacher_correct": 1.0,
+          "teacher_nll": 6.0, "agreement": 2.0, "kl": 0.8}
+  assert distill_step.summarize_eval(sums) == pytest.approx({
+      "eval_loss": 0.5, "positions": 4.0, "student_accuracy": 0.75,
+      "student_perplexity": np.exp(0.5), "teacher_accuracy": 0.25,
+      "teacher_perplexity": np.exp(1.5), "agreement": 0.5, "kl_t1": 0.2})
 
 
 def test_every_student_parameter_changes():
@@ -174,9 +184,10 @@ def test_every_student_parameter_changes():
 def test_gather_keeps_every_masked_position_it_has_room_for(masked, max_predictions):
   labels = np.where(masked, 7 + np.arange(masked.size).reshape(masked.shape),
                     losses.IGNORE_INDEX)
-  config = step.StepConfig(student=TEACHER, teacher=None, max_predictions=max_predictions)
-  positions, valid, gathered = map(np.asarray, jax.jit(step._logit_targets, static_argnums=0)(
-      config, {"labels": labels, "attention_mask": np.ones_like(labels)}))
+  config = distill_step.StepConfig(student=TEACHER, teacher=None, max_predictions=max_predictions)
+  targets = jax.jit(distill_step._logit_targets, static_argnums=0)(
+      config, {"labels": labels, "attention_mask": np.ones_like(labels)})
+  positions, valid, gathered = map(np.asarray, targets)
   per_row = masked.sum(1)
   np.testing.assert_array_equal(valid.sum(1), np.minimum(per_row, max_predictions))
   for row in range(len(labels)):
@@ -198,7 +209,7 @@ def test_frozen_position_embeddings_and_weight_decay_mask():
   # With zero gradients Adam's step is 0, so the update is the decay alone: -lr * wd * param on
   # kernels and embeddings, nothing on biases and LayerNorm.
   # A multiplied group decays (and steps) `factor` times faster; a frozen one does not move.
-  tx, _ = step.make_optimizer(total_steps=10, lr_peak=1e-2, warmup_steps=0, weight_decay=0.5,
+  tx, _ = optim.make_optimizer(total_steps=10, lr_peak=1e-2, warmup_steps=0, weight_decay=0.5,
                               lr_multipliers=[("head", 10.0)], frozen=["pos"])
   params = {"student": {"fc": {"kernel": np.ones((2, 2)), "bias": np.ones(2)},
                         "norm": {"scale": np.ones(2)}, "word": {"embedding": np.ones((3, 2))},
@@ -214,7 +225,7 @@ def test_frozen_position_embeddings_and_weight_decay_mask():
 
 
 def test_learning_rate_schedule_warms_up_then_decays():
-  _, schedule = step.make_optimizer(total_steps=100, lr_peak=5e-4, warmup_steps=5)
+  _, schedule = optim.make_optimizer(total_steps=100, lr_peak=5e-4, warmup_steps=5)
   np.testing.assert_allclose([schedule(0), schedule(5), schedule(50), schedule(100)],
                              [0.0, 5e-4, 5e-4 * 50 / 95, 0.0], rtol=1e-6, atol=1e-12)
 
@@ -223,7 +234,7 @@ def test_narrower_student_without_projection_is_refused():
   with pytest.raises(ValueError, match="set distill.project_student_hidden=True"):
     run = setup(sgd=True, lr=1.0, project=True)  # The cached one.
     state = dict(run["state"], params={"student": run["state"]["params"]["student"]})
-    step.train_step(state, run["teacher"], random_batch(8), HYPER, config=run["config"],
+    distill_step.train_step(state, run["teacher"], random_batch(8), HYPER, config=run["config"],
                     tx=run["tx"])
 
 
@@ -235,9 +246,9 @@ def test_overfitting_a_fixed_batch_drives_the_loss_down():
       {"params": run["teacher_params"]}, batch["input_ids"], batch["attention_mask"]).logits
   batch["labels"] = np.where(batch["labels"] != losses.IGNORE_INDEX,
                              np.argmax(teacher_logits, -1), losses.IGNORE_INDEX).astype(np.int32)
-  state, first = run["train"](fresh_state(run), run["teacher"], batch, step.Hyper())
+  state, first = run["train"](fresh_state(run), run["teacher"], batch, distill_step.Hyper())
   for _ in range(99):
-    state, metrics = run["train"](state, run["teacher"], batch, step.Hyper())
+    state, metrics = run["train"](state, run["teacher"], batch, distill_step.Hyper())
   assert float(metrics["loss"]) < float(first["loss"]) / 10
   assert float(metrics["student_accuracy"]) > 0.9
 
@@ -251,5 +262,5 @@ def test_masked_positions_beyond_max_predictions_are_counted_as_dropped():
 
 
 def test_max_predictions_leaves_room_for_the_masking_rate():
-  assert step.max_predictions(128, 0.15) == 33
-  assert step.max_predictions(8, 0.15) == 6
+  assert distill_step.max_predictions(128, 0.15) == 33
+  assert distill_step.max_predictions(8, 0.15) == 6

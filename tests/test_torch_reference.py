@@ -6,7 +6,9 @@ import pytest
 from helpers import fresh_state, random_batch, setup
 
 from benchmarks import torch_reference
-from distil_jax import hf, losses, step
+from distil_jax import distill_step, hf, losses
+
+pytestmark = pytest.mark.slow  # PyTorch models and steps beside ours: the benchmark's parity.
 
 WEIGHTS = losses.LossWeights(alpha_mse=0.5)  # Every part counts in the total.
 
@@ -23,7 +25,7 @@ def _reference(run: dict, restrict: bool, **optimizer) -> torch_reference.Distil
 def test_losses_and_gradients_equal_ours(restrict):
   run = setup(sgd=True, lr=1.0, restrict_ce_to_mask=restrict)
   batch = random_batch(8, seed=7)  # Padded rows; at most 3 masked positions per row.
-  state, ours = run["train"](fresh_state(run), run["teacher"], batch, step.Hyper(WEIGHTS))
+  state, ours = run["train"](fresh_state(run), run["teacher"], batch, distill_step.Hyper(WEIGHTS))
   reference = _reference(run, restrict)
   theirs = reference.losses(batch)
   for name in ("loss", "loss_ce", "loss_mlm", "loss_cos", "loss_mse"):
@@ -43,7 +45,7 @@ def test_losses_and_gradients_equal_ours(restrict):
 def test_one_step_of_adamw_with_clipping_equals_ours():
   run = setup(weight_decay=0.5, restrict_ce_to_mask=True)
   batch = random_batch(8, seed=8)
-  state, _ = run["train"](fresh_state(run), run["teacher"], batch, step.Hyper(WEIGHTS))
+  state, _ = run["train"](fresh_state(run), run["teacher"], batch, distill_step.Hyper(WEIGHTS))
   reference = _reference(run, True, lr=1e-2, weight_decay=0.5)
   reference.step(batch)
   expected = hf.to_hf_state_dict(run["config"].student, state["params"]["student"], "distilbert")

@@ -236,18 +236,42 @@ def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
   return np.random.default_rng([seed, epoch]).permutation(num_examples)
 
 
+class TrainBatches:
+  """Endless training batches for several runs at once: rows [len(seeds), batch_size, L], run s
+  reading its examples in `epoch_order(n, seeds[s], e)`. Its position is `get_state()`
+  ({"step": batches read}), restored by `set_state` (a resumed run)."""
+
+  def __init__(self, data: Encoded, batch_size: int, seeds: Sequence[int],
+               buckets: Sequence[int] = ()):
+    self._data, self._batch_size, self._seeds, self._buckets = data, batch_size, seeds, buckets
+    self._steps_per_epoch = steps_per_epoch(len(data), batch_size)
+    self._step, self._orders = 0, (None, None)  # (epoch, its orders)
+
+  def __iter__(self) -> "TrainBatches":
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    epoch, index = divmod(self._step, self._steps_per_epoch)
+    if self._orders[0] != epoch:
+      self._orders = epoch, np.stack([epoch_order(len(self._data), seed, epoch)
+                                      for seed in self._seeds])
+    self._step += 1
+    rows = self._orders[1][:, index * self._batch_size:(index + 1) * self._batch_size]
+    return _batch(self._data, rows, self._buckets)
+
+  def get_state(self) -> dict[str, int]:
+    return {"step": self._step}
+
+  def set_state(self, state: dict[str, int]) -> None:
+    self._step = int(state["step"])
+
+
 def train_batches(data: Encoded, batch_size: int, seeds: Sequence[int], *, start_step: int = 0,
-                  buckets: Sequence[int] = ()) -> Iterator[dict[str, np.ndarray]]:
-  """Endless training batches from step `start_step` on (for resuming), for several runs at once:
-  rows [len(seeds), batch_size, L], run s reading its examples in `epoch_order(n, seeds[s], e)`.
-  """
-  steps = steps_per_epoch(len(data), batch_size)
-  epoch, first = divmod(start_step, steps)
-  while True:
-    orders = np.stack([epoch_order(len(data), seed, epoch) for seed in seeds])
-    for index in range(first, steps):
-      yield _batch(data, orders[:, index * batch_size:(index + 1) * batch_size], buckets)
-    epoch, first = epoch + 1, 0
+                  buckets: Sequence[int] = ()) -> TrainBatches:
+  """`TrainBatches` from step `start_step` on."""
+  batches = TrainBatches(data, batch_size, seeds, buckets)
+  batches.set_state({"step": start_step})
+  return batches
 
 
 def eval_batches(data: Encoded, batch_size: int, buckets: Sequence[int] = ()

@@ -1,28 +1,26 @@
-"""The optimizer, the train state, and the train and eval steps of teacher and student together.
+"""The distillation step: train and eval steps of teacher and student together.
 
 `train_step` is a pure function of (state, teacher params, batch, hyper-parameters): the loss
 weights, temperature, learning-rate scale and dropout seed are arrays, so several runs (the points
-of a sweep) can be stacked on a leading axis and trained by one program, the teacher's forward
-computed once for all of them. With no teacher it trains the student on the MLM loss alone (how a
-teacher is adapted).
+of a fused sweep) can be stacked on a leading runs axis and trained by one program, the teacher's
+forward computed once for all of them. With no teacher it trains the student on the MLM loss alone
+(how a teacher is adapted). The optimizer and the update are `distil_jax.optim`'s.
 """
 
 import dataclasses
 import functools
 import math
-import re
-from collections.abc import Sequence
+from collections.abc import Iterable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
-from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
-from distil_jax import losses, models, sharding
+from distil_jax import losses, models, optim, sharding
 
 PyTree = dict
 
@@ -36,8 +34,8 @@ class StepConfig:
   gather_logits: bool = True  # Vocabulary projection only where the losses need logits.
   max_predictions: int = 20  # Masked positions per sequence that the gather keeps.
   accum_steps: int = 1  # Micro-batches per update (and per eval batch).
-  frozen: tuple[str, ...] = ()  # Regexes of the frozen parameters (as `make_optimizer`'s).
-  num_points: int = 0  # Runs stacked on a leading axis of state and hyper (0: no such axis).
+  frozen: tuple[str, ...] = ()  # Regexes of the frozen parameters (as `optim.make_optimizer`'s).
+  num_runs: int = 0  # Runs stacked on a leading axis of state and hyper (0: no such axis).
   mse: bool = True  # L_mse computed; False skips it (alpha_mse is 0 in every run), as the original.
 
 
@@ -53,79 +51,11 @@ def max_predictions(seq_len: int, mask_prob: float) -> int:
   return min(seq_len, math.ceil(1.5 * mask_prob * seq_len) + 4)
 
 
-def make_optimizer(*, total_steps: int, lr_peak: float, warmup_steps: int, b1: float = 0.9,
-                   b2: float = 0.98, eps: float = 1e-6, weight_decay: float = 0.0,
-                   clip_norm: float = 5.0, frozen: Sequence[str] = (),
-                   lr_multipliers: Sequence[tuple[str, float]] = ()
-                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """AdamW with linear warmup then linear decay to 0, global-norm clipping, and no weight decay
-  on biases and LayerNorm.
-
-  Parameters are named by their path, e.g. "student/embeddings/position_embeddings/embedding".
-  Those matching a regex in `frozen` are not updated and get no optimizer state; those matching
-  the regex of an (regex, factor) pair of `lr_multipliers` (the first that matches) train with
-  factor times the learning rate, e.g. a freshly initialised MLM head.
-  """
-  schedule = optax.join_schedules(
-      [optax.linear_schedule(0.0, lr_peak, max(warmup_steps, 1)),
-       optax.linear_schedule(lr_peak, 0.0, max(total_steps - warmup_steps, 1))], [warmup_steps])
-
-  def group(path: tuple[str, ...]) -> str:
-    name = "/".join(path)
-    return next((f"lr_x{factor:g}" for pattern, factor in lr_multipliers
-                 if re.search(pattern, name)), "lr_x1")
-
-  groups = lambda params: jax.tree.map(
-      lambda g, t: g if t else "frozen",
-      traverse_util.path_aware_map(lambda path, _: group(path), params),
-      trainable(params, frozen))
-  decay_mask = lambda params: traverse_util.path_aware_map(
-      lambda path, _: path[-1] in ("kernel", "embedding"), params)
-  adamw = lambda factor: optax.adamw(lambda count: factor * schedule(count), b1, b2, eps,
-                                     weight_decay=weight_decay, mask=decay_mask)
-  transforms = {f"lr_x{factor:g}": adamw(factor) for factor in {1.0, *dict(lr_multipliers)
-                                                                .values()}}
-  transforms["frozen"] = optax.set_to_zero()
-  return optax.chain(
-      optax.masked(optax.clip_by_global_norm(clip_norm), lambda p: trainable(p, frozen)),
-      optax.multi_transform(transforms, groups)), schedule
-
-
-def trainable(params: PyTree, frozen: Sequence[str]) -> PyTree:
-  """True for the parameters whose path ("student/embeddings/...") matches no `frozen` regex."""
-  return traverse_util.path_aware_map(
-      lambda path, _: not any(re.search(pattern, "/".join(path)) for pattern in frozen), params)
-
-
 def init_projection(student_hidden: int, teacher_hidden: int, seed: int = 0) -> PyTree:
   """A linear map of student hidden states onto the teacher's, for L_cos across sizes."""
   kernel = jax.nn.initializers.lecun_normal()(jax.random.key(seed),
                                               (student_hidden, teacher_hidden))
   return {"kernel": kernel, "bias": jnp.zeros((teacher_hidden,))}
-
-
-def init_state(params: PyTree, tx: optax.GradientTransformation) -> PyTree:
-  """The train state: {"step", "params": {"student", ["projection"]}, "opt_state"}."""
-  return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
-
-
-def create_state(params: PyTree, tx: optax.GradientTransformation, param_shardings: PyTree,
-                 mesh: Mesh, num_points: int = 0) -> tuple[PyTree, PyTree]:
-  """The state created already sharded: eval_shape, then a jitted init with out_shardings.
-
-  `params` are host arrays, the same on every process; with `num_points`, stacked on a leading
-  points axis (and `param_shardings` too), which the state then has in every leaf.
-  Returns (state, its shardings).
-  """
-  init = functools.partial(init_state, tx=tx)
-  if num_points:
-    init = jax.vmap(init)
-  abstract = jax.eval_shape(init, params)
-  shardings = {"step": NamedSharding(mesh, P()), "params": param_shardings,
-               "opt_state": sharding.follow_params(abstract["opt_state"], param_shardings, mesh)}
-  state = jax.jit(init, out_shardings=shardings, donate_argnums=0)(
-      sharding.put(params, param_shardings))
-  return state, shardings
 
 
 def _logit_targets(config: StepConfig, batch: PyTree):
@@ -201,10 +131,10 @@ def _micro_loss(params, teacher, batch, targets, weights, totals, rng, config, m
   return total, metrics
 
 
-def _per_point(config: StepConfig, fn, num_stacked: int, num_args: int):
-  """`fn` mapped over the points axis of its first `num_stacked` arguments (the others are
-  shared), or `fn` itself when the state has no points axis."""
-  if not config.num_points:
+def _per_run(config: StepConfig, fn, num_stacked: int, num_args: int):
+  """`fn` mapped over the runs axis of its first `num_stacked` arguments (the others are
+  shared), or `fn` itself when the state has no runs axis."""
+  if not config.num_runs:
     return fn
   return jax.vmap(fn, in_axes=(0,) * num_stacked + (None,) * (num_args - num_stacked))
 
@@ -226,22 +156,22 @@ def train_step(state: PyTree, teacher_params: PyTree | None, batch: PyTree, hype
   """One update on `batch` ([accum_steps * micro, seq] arrays), split into micro-batches.
 
   Micro-batch losses are weighted by their share of each loss part's positions, so the update
-  equals the one on the whole batch at once. With `config.num_points`, `state`, `hyper` and the
-  returned metrics have a leading points axis: the teacher runs once per micro-batch and the
-  student's forward, backward and update are vmapped over the points.
+  equals the one on the whole batch at once. With `config.num_runs`, `state`, `hyper` and the
+  returned metrics have a leading runs axis: the teacher runs once per micro-batch and the
+  student's forward, backward and update are vmapped over the runs.
   """
   totals = _counts(*_logit_targets(config, batch)[1:], batch["attention_mask"])
 
-  def point_grads(params, step, hyper, teacher, micro_batch, targets, i):
+  def run_grads(params, step, hyper, teacher, micro_batch, targets, i):
     rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(hyper.seed), step), i)
     return jax.grad(_micro_loss, has_aux=True)(params, teacher, micro_batch, targets,
                                                hyper.weights, totals, rng, config, mesh)
-  point_grads = _per_point(config, point_grads, 3, 7)
+  run_grads = _per_run(config, run_grads, 3, 7)
 
   def micro_grads(micro_batch, i):
     targets = _logit_targets(config, micro_batch)
     teacher = _teacher_outputs(config, teacher_params, micro_batch, targets[0], mesh)
-    return point_grads(state["params"], state["step"], hyper, teacher, micro_batch, targets, i)
+    return run_grads(state["params"], state["step"], hyper, teacher, micro_batch, targets, i)
 
   micro = _split(config, batch, config.accum_steps, mesh)
   zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
@@ -250,8 +180,8 @@ def train_step(state: PyTree, teacher_params: PyTree | None, batch: PyTree, hype
       lambda carry, xs: (jax.tree.map(jnp.add, carry, micro_grads(*xs)), None), zeros,
       (micro, jnp.arange(config.accum_steps)))
 
-  update = functools.partial(apply_update, tx=tx, frozen=config.frozen)
-  new_state, metrics["grad_norm"], metrics["finite"] = _per_point(config, update, 4, 4)(
+  update = functools.partial(optim.apply_update, tx=tx, frozen=config.frozen)
+  new_state, metrics["grad_norm"], metrics["finite"] = _per_run(config, update, 4, 4)(
       state, grads, hyper.lr_scale, metrics["loss"])
   metrics["student_accuracy"] = metrics.pop("student_correct") / jnp.maximum(metrics["masked"], 1)
   if "teacher_correct" in metrics:
@@ -260,37 +190,17 @@ def train_step(state: PyTree, teacher_params: PyTree | None, batch: PyTree, hype
   return new_state, metrics
 
 
-def apply_update(state: PyTree, grads: PyTree, lr_scale: ArrayLike, loss: jax.Array, *,
-                 tx: optax.GradientTransformation, frozen: Sequence[str] = ()
-                 ) -> tuple[PyTree, jax.Array, jax.Array]:
-  """One optimizer update of one run's state, scaled by `lr_scale`; returns (new state, the
-  gradient norm that clipping sees, whether it was applied).
-
-  A non-finite loss, gradient or result is not applied: the parameters and optimizer state stay
-  (the step counter moves on).
-  """
-  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-  updates = jax.tree.map(lambda u: u * jnp.asarray(lr_scale, u.dtype), updates)
-  params = optax.apply_updates(state["params"], updates)
-  grad_norm = optax.global_norm(jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), grads,
-                                             trainable(grads, frozen)))
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(params))
-  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-  return ({"step": state["step"] + 1, "params": keep(params, state["params"]),
-           "opt_state": keep(opt_state, state["opt_state"])}, grad_norm, finite)
-
-
 def eval_step(params: PyTree, teacher_params: PyTree | None, batch: PyTree, *,
               config: StepConfig, mesh: Mesh | None = None) -> dict[str, jax.Array]:
   """Sums over a batch's masked positions: NLL and correct predictions of student (and teacher),
   and teacher-student top-1 agreement and KL at T=1. `summarize_eval` turns them into metrics.
 
   The batch is evaluated in `config.accum_steps` micro-batches, as training splits it. With
-  `config.num_points`, `params` and the sums have a leading points axis.
+  `config.num_runs`, `params` and the sums have a leading runs axis.
   """
   config = dataclasses.replace(config, restrict_ce_to_mask=True, gather_logits=True)
 
-  def point_sums(params, teacher, micro_batch, targets):
+  def run_sums(params, teacher, micro_batch, targets):
     positions, valid, labels = targets
     student = _student_outputs(config, params, micro_batch, positions, None, mesh)
     correct, count = losses.masked_accuracy(student.logits, labels)
@@ -302,12 +212,12 @@ def eval_step(params: PyTree, teacher_params: PyTree | None, batch: PyTree, *,
       sums["agreement"] = losses.top1_agreement(student.logits, teacher.logits, valid) * count
       sums["kl"] = losses.kd_loss(student.logits, teacher.logits, valid, 1.0) * count
     return sums
-  point_sums = _per_point(config, point_sums, 1, 4)
+  run_sums = _per_run(config, run_sums, 1, 4)
 
   def micro_sums(micro_batch):
     targets = _logit_targets(config, micro_batch)
     teacher = _teacher_outputs(config, teacher_params, micro_batch, targets[0], mesh)
-    return point_sums(params, teacher, micro_batch, targets)
+    return run_sums(params, teacher, micro_batch, targets)
 
   micro = _split(config, batch, config.accum_steps, mesh)
   zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
@@ -315,6 +225,20 @@ def eval_step(params: PyTree, teacher_params: PyTree | None, batch: PyTree, *,
   sums, _ = jax.lax.scan(lambda carry, b: (jax.tree.map(jnp.add, carry, micro_sums(b)), None),
                          zeros, micro)
   return sums
+
+
+def evaluate(eval_step, params: PyTree, teacher_params: PyTree | None,
+             batches: Iterable[PyTree], num_runs: int = 0) -> list[dict[str, float]]:
+  """Held-out metrics of each run (one without `num_runs`) over the global `batches`: sums
+  accumulated on device, fetched once, then `summarize_eval`d."""
+  sums = None
+  for batch in batches:
+    batch_sums = eval_step(params, teacher_params, batch)
+    sums = batch_sums if sums is None else jax.tree.map(jnp.add, sums, batch_sums)
+  sums = jax.device_get(sums)
+  if not num_runs:
+    return [summarize_eval(jax.tree.map(float, sums))]
+  return [summarize_eval({k: float(v[i]) for k, v in sums.items()}) for i in range(num_runs)]
 
 
 def summarize_eval(sums: dict[str, float]) -> dict[str, float]:
@@ -348,18 +272,18 @@ def prepare(config: StepConfig, params: PyTree, teacher_params: PyTree | None,
   """Everything a train loop needs, sharded on `mesh` by the logical-axis rules.
 
   `params` ({"student", ["projection"]}) and `teacher_params` are host arrays, the same on every
-  process; with `config.num_points`, `params` are stacked on a leading points axis, which stays
-  replicated: every device holds every point, so the batch shards exactly as in a single run and
-  the teacher's outputs on a device's rows serve all points. Returns (train state, teacher params
+  process; with `config.num_runs`, `params` are stacked on a leading runs axis, which stays
+  replicated: every device holds every run, so the batch shards exactly as in a single run and
+  the teacher's outputs on a device's rows serve all runs. Returns (train state, teacher params
   on the mesh, jitted train step, jitted eval step).
   """
   param_shardings = {"student": sharding.param_shardings(
       models.abstract_params(config.student), mesh)}
   if "projection" in params:
     param_shardings["projection"] = sharding.follow_params(params["projection"], {}, mesh)
-  if config.num_points:
+  if config.num_runs:
     param_shardings = sharding.stacked(param_shardings)
-  state, state_shardings = create_state(params, tx, param_shardings, mesh, config.num_points)
+  state, state_shardings = optim.create_state(params, tx, param_shardings, mesh, config.num_runs)
   teacher, teacher_shardings = None, None
   if config.teacher is not None:
     teacher_shardings = sharding.param_shardings(models.abstract_params(config.teacher), mesh)

@@ -1,20 +1,23 @@
-"""Fine-tuning steps: sequence classification (or regression) of runs stacked on a leading axis.
+"""The fine-tuning step: sequence classification (or regression) of runs stacked on a leading axis.
 
-The runs (seeds, learning rates) of a fine-tuning job are stacked like the points of a fused sweep
-(`distil_jax.points`): every leaf of the state, of the `step.Hyper` and of the train batch has a
+The runs (seeds, learning rates) of a fine-tuning job are stacked like the runs of a fused sweep
+(`distil_jax.stacked`): every leaf of the state, of the `Hyper` and of the train batch has a
 leading runs axis, so each run has its own head initialisation, dropout and data order, and one
-compiled step trains all of them. The update is `step.apply_update`, as in distillation.
+compiled step trains all of them. The update is `optim.apply_update`, as in distillation.
 """
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from jax.typing import ArrayLike
 
-from distil_jax import losses, models, sharding, step
+from distil_jax import losses, models, optim, sharding
 
 PyTree = dict
 
@@ -31,6 +34,12 @@ class ClassifyConfig:
     return self.num_labels == 1
 
 
+class Hyper(NamedTuple):
+  """A run's hyper-parameters that are arrays, so that the stacked runs may differ."""
+  lr_scale: ArrayLike = 1.0  # Multiplies the updates: the run's lr_peak over the optimizer's.
+  seed: ArrayLike = 0  # Dropout randomness: fold_in(key(seed), step).
+
+
 def _logits(config: ClassifyConfig, params: PyTree, batch: PyTree, rng: jax.Array | None):
   dropout = {} if rng is None else {"rngs": {"dropout": rng}}
   return models.Classifier(config.model, config.num_labels).apply(
@@ -38,7 +47,7 @@ def _logits(config: ClassifyConfig, params: PyTree, batch: PyTree, rng: jax.Arra
       deterministic=rng is None, **dropout)
 
 
-def train_step(state: PyTree, batch: PyTree, hyper: step.Hyper, *, config: ClassifyConfig,
+def train_step(state: PyTree, batch: PyTree, hyper: Hyper, *, config: ClassifyConfig,
                tx: optax.GradientTransformation) -> tuple[PyTree, dict[str, jax.Array]]:
   """One update of every stacked run on its own batch ([runs, batch, seq] arrays; "weights"
   [runs, batch] marks the rows that count)."""
@@ -50,9 +59,10 @@ def train_step(state: PyTree, batch: PyTree, hyper: step.Hyper, *, config: Class
       return losses.classification_loss(logits, batch["labels"], batch["weights"]), logits
 
     (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-    new_state, grad_norm, finite = step.apply_update(state, grads, hyper.lr_scale, loss, tx=tx,
+    new_state, grad_norm, finite = optim.apply_update(state, grads, hyper.lr_scale, loss, tx=tx,
                                                      frozen=config.frozen)
-    metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite}
+    metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite,
+               "tokens": jnp.sum(batch["attention_mask"] > 0).astype(jnp.float32)}
     if not config.regression:
       metrics["accuracy"] = losses.classification_accuracy(logits, batch["labels"],
                                                            batch["weights"])
