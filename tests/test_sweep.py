@@ -1,15 +1,18 @@
-"""`distil_jax.sweep`: a fused sweep equals separate runs, resumes after SIGTERM, and refuses bad
-grids before any compute."""
+"""`distil_jax.sweep`: a fused sweep equals separate runs and resumes after SIGTERM; a point is
+finished at its last step (bad grids and --plan: test_cli.py)."""
 
 import json
 import signal
 import time
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.numpy
 
+from distil_jax import checkpoint, sweep
 from tests import runs
+from tests.configs import sweep_points
 
 POINTS = ["T1_ce0.5_seed0", "T1_ce5_seed1", "T4_ce0.5_seed2", "T4_ce5_seed3"]
 SWEEP_CONFIG = "tests/configs/sweep_points.py"
@@ -30,6 +33,7 @@ def separate(tmp_path_factory, bert_dir, corpus):
   return workdir
 
 
+@pytest.mark.slow
 def test_fused_sweep_resumed_after_sigterm_equals_separate_runs(tmp_path, bert_dir, corpus,
                                                                  separate):
   process = _start(tmp_path, bert_dir, corpus)
@@ -69,26 +73,19 @@ def test_fused_sweep_resumed_after_sigterm_equals_separate_runs(tmp_path, bert_d
   assert "Group 0 is finished" in output and "Resumed" not in output
 
 
-def test_plan_splits_the_grid_where_shapes_differ(tmp_path, bert_dir, corpus):
-  output = _run(tmp_path, bert_dir, corpus, "--plan", "--sweep=student.num_layers=1,2",
-                "--sweep=distill.temperature=2,8")
-  groups = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
-  assert [[p["workdir"] for p in g["points"]] for g in groups] == [
-      ["L1_T2", "L1_T8"], ["L2_T2", "L2_T8"]]
-  assert not (tmp_path / "sweep.json").exists()
-
-
-@pytest.mark.parametrize("flag, message", [
-    ("--sweep=distill.temprature=1,2",
-     "FATAL --sweep='distill.temprature=1,2': unknown config key 'distill.temprature' (did you "
-     "mean 'distill.temperature'?)"),
-    ("--sweep=distill.temperature=hot",
-     "FATAL --sweep value 'hot' for distill.temperature is not a float"),
-    ("--sweep=distill.temperature=", "FATAL --sweep='distill.temperature=' gives no value"),
-])
-def test_bad_grids_fail_before_any_compute(tmp_path, bert_dir, corpus, flag, message):
-  process = _start(tmp_path / "sweep", bert_dir, corpus, flag)
-  output, _ = process.communicate(timeout=120)
-  assert process.returncode != 0
-  assert any(line.startswith(message) for line in output.splitlines()), output[-2000:]
-  assert "Traceback" not in output and not (tmp_path / "sweep").exists()
+@pytest.mark.parametrize("export", [True, False])
+def test_a_point_is_finished_at_its_last_step_with_or_without_export(tmp_path, export):
+  config = sweep_points.get_config()
+  config.export = export
+  point = sweep.Point({}, "point", config)
+  steps = [config.total_steps - 2, config.total_steps]
+  with checkpoint.Checkpointer(tmp_path / "point", save_every_steps=1, keep_last=2) as ckpt:
+    for step in steps:
+      assert not sweep.finished(point, tmp_path)
+      ckpt.save(step, {"x": jnp.zeros(2)}, {})
+      ckpt.wait()
+  if export:  # A point that exports is finished when its export is there.
+    assert not sweep.finished(point, tmp_path)
+    (tmp_path / "point" / "export").mkdir()
+    (tmp_path / "point" / "export" / "config.json").write_text("{}")
+  assert sweep.finished(point, tmp_path)
