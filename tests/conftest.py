@@ -1,13 +1,15 @@
 """Shared fixtures: small random HuggingFace BERT checkpoints built locally (no downloads), and a
-local GCS emulator. The tests, and the commands they start, share a JAX compilation cache: runs of
-the same shapes compile once."""
+local GCS emulator. The tests, and the commands they start, share a JAX compilation cache kept
+between runs in .cache/jax_tests (at most 2 GB, least recently used dropped first): programs of
+the same shapes compile once, and an edit-test loop recompiles only what the edit changed."""
 
 import os
 import pathlib
-import tempfile
 from collections.abc import Iterator
 
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jax_cache_"))
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      str(pathlib.Path(__file__).parents[1] / ".cache" / "jax_tests"))
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2 * 1024**3))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 

@@ -169,6 +169,7 @@ def test_bad_config_is_a_one_line_error(corpus, tmp_path, overrides, message):
     make_datasets(_config(corpus, tmp_path, **overrides), resources.minilm_dir(), VOCAB)
 
 
+@pytest.mark.slow
 def test_two_processes_read_their_rows_of_the_one_process_batches(corpus, tmp_path):
   """The batches do not depend on the number of processes: each reads its rows of them."""
   with socket.socket() as s:

@@ -22,6 +22,8 @@ from tensorboardX.proto import event_pb2
 
 from tests import runs
 
+pytestmark = pytest.mark.slow  # A GCS emulator and runs on gs://.
+
 TESTS = pathlib.Path(__file__).parent
 
 

@@ -7,9 +7,12 @@ import socket
 import time
 
 import numpy as np
+import pytest
 import safetensors.numpy
 
 from tests import runs
+
+pytestmark = pytest.mark.slow  # Two processes under jax.distributed.
 
 
 def _start(workdir, bert_dir, corpus, devices: int, *flags):

@@ -14,6 +14,8 @@ from distil_jax import sharding
 
 TESTS = pathlib.Path(__file__).parent
 
+pytestmark = pytest.mark.slow  # A subprocess of 8 devices, 6 meshes.
+
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):

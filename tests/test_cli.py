@@ -1,0 +1,64 @@
+"""Bad overrides and bad sweep grids fail in one line before anything runs; `sweep --plan` prints
+the groups. In this process: the flags are parsed as the commands parse them."""
+
+import json
+import sys
+
+import pytest
+from absl import flags
+
+from distil_jax import cli, sweep
+from tests.configs import sweep_points
+
+CONFIG = "--config=tests/configs/random_teacher.py"
+
+
+def _parse(monkeypatch, *argv: str) -> None:
+  """Parses `argv` as a command does (config_flags reads its overrides from sys.argv)."""
+  monkeypatch.setattr(sys, "argv", list(argv))
+  cli.parse_flags(list(argv))
+
+
+@pytest.fixture(autouse=True)
+def _unparsed_flags():
+  yield
+  flags.FLAGS.unparse_flags()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.distill.temprature=4",
+     "FATAL unknown config key 'temprature' in the overrides: did you mean \"temperature\"?"),
+    ("--config.distill.temperature=hot",
+     "FATAL Flags parsing error: flag --config.distill.temperature=hot: could not convert"),
+])
+def test_bad_overrides_fail_before_any_compute(capsys, monkeypatch, override, message):
+  with pytest.raises(SystemExit) as exit_:
+    _parse(monkeypatch, "main", CONFIG, override)
+  output = f"{exit_.value.code}\n{capsys.readouterr().err}"
+  assert any(line.startswith(message) for line in output.splitlines()), output[-2000:]
+  assert "Traceback" not in output
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("distill.temprature=1,2",
+     "--sweep='distill.temprature=1,2': unknown config key 'distill.temprature' (did you "
+     "mean 'distill.temperature'?)"),
+    ("distill.temperature=hot", "--sweep value 'hot' for distill.temperature is not a float"),
+    ("distill.temperature=", "--sweep='distill.temperature=' gives no value"),
+])
+def test_bad_grids_fail_before_any_compute(tmp_path, flag, message):
+  with pytest.raises(sweep.SweepError) as error:
+    sweep.sweep(sweep_points.get_config(),
+                sweep.parse_sweeps(sweep_points.get_config(), [flag]), tmp_path / "sweep")
+  assert str(error.value).startswith(message) and "\n" not in str(error.value)
+  assert not (tmp_path / "sweep").exists()
+
+
+def test_plan_splits_the_grid_where_shapes_differ(tmp_path, capsys, monkeypatch):
+  _parse(monkeypatch, "sweep", "--config=tests/configs/sweep_points.py", f"--workdir={tmp_path}",
+         "--plan", "--sweep=student.num_layers=1,2", "--sweep=distill.temperature=2,8")
+  sweep.main([])
+  groups = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  assert [[p["workdir"] for p in g["points"]] for g in groups] == [
+      ["L1_T2", "L1_T8"], ["L2_T2", "L2_T8"]]
+  assert not (tmp_path / "sweep.json").exists()
