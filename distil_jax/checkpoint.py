@@ -26,6 +26,7 @@ Use in the train loop (a SIGTERM makes it save and exit cleanly)::
 
 import contextlib
 import math
+import shutil
 import signal
 from typing import Any
 
@@ -35,7 +36,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
-from distil_jax import errors, hosts
+from distil_jax import errors, hosts, storage
 
 PyTree = Any
 
@@ -143,6 +144,8 @@ class Checkpointer:
     """
     if step in self._manager.all_steps():
       return False
+    if (force or self._manager.should_save(step)) and not storage.is_remote(self.directory):
+      self._check_space(step, state)
     metrics = None
     if eval_loss is not None and math.isfinite(eval_loss):
       metrics = {_EVAL_LOSS: float(eval_loss)}
@@ -153,6 +156,19 @@ class Checkpointer:
               state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)),
           metrics=metrics,
           force=force)
+
+  def _check_space(self, step: int, state: PyTree) -> None:
+    """Refuses to start a save that the local disk has no room for: the failure would otherwise
+    surface later, from orbax's threads, with the disk full."""
+    needed = sum(x.nbytes for x in jax.tree.leaves(state))  # Uncompressed: an upper bound.
+    existing = next(p for p in (self.directory, *self.directory.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if free < needed:
+      latest = self.latest_step()
+      raise errors.StorageError(
+          f"no space for checkpoint {step} in {self.directory}: it needs up to "
+          f"{needed / 2**20:.1f} MiB and {free / 2**20:.1f} MiB are free: free space and start "
+          f"again to resume from {f'step {latest}' if latest is not None else 'the start'}")
 
   def check(self) -> None:
     """Raises `errors.StorageError` if an asynchronous save has failed (cheap: call it often)."""
@@ -255,7 +271,8 @@ class Checkpointer:
 
   def close(self) -> None:
     """Waits for the pending save and releases orbax's resources."""
-    self._manager.close()
+    with self._storage_errors():
+      self._manager.close()
 
   def __enter__(self) -> "Checkpointer":
     return self

@@ -28,6 +28,7 @@ class ClassifyConfig:
   model: models.ModelConfig
   num_labels: int  # 1 for a regression (STS-B).
   frozen: tuple[str, ...] = ()
+  stop_together: bool = False  # As `distill_step.StepConfig.stop_together`.
 
   @property
   def regression(self) -> bool:
@@ -59,15 +60,16 @@ def train_step(state: PyTree, batch: PyTree, hyper: Hyper, *, config: ClassifyCo
       return losses.classification_loss(logits, batch["labels"], batch["weights"]), logits
 
     (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-    new_state, grad_norm, finite = optim.apply_update(state, grads, hyper.lr_scale, loss, tx=tx,
-                                                     frozen=config.frozen)
+    new_state, grad_norm, finite = optim.apply_update(
+        state, grads, hyper.lr_scale, loss, tx=tx, frozen=config.frozen,
+        stack_axis="runs" if config.stop_together else None)
     metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite,
                "tokens": jnp.sum(batch["attention_mask"] > 0).astype(jnp.float32)}
     if not config.regression:
       metrics["accuracy"] = losses.classification_accuracy(logits, batch["labels"],
                                                            batch["weights"])
     return new_state, metrics
-  return jax.vmap(one_run)(state, batch, hyper)
+  return jax.vmap(one_run, axis_name="runs")(state, batch, hyper)
 
 
 def predict(params: PyTree, batch: PyTree, *, config: ClassifyConfig) -> jax.Array:

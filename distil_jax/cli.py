@@ -4,6 +4,7 @@ import logging as std_logging
 import os
 import re
 import sys
+import threading
 
 import jax
 from absl import app, flags, logging
@@ -43,15 +44,31 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 class _OwnLogs(std_logging.Filter):
-  """Keeps this package's INFO lines and every warning; libraries' INFO chatter is dropped."""
+  """Keeps this package's lines, and libraries' warnings and errors without their tracebacks;
+  libraries' INFO chatter is dropped, and orbax's errors too (a failed save ends the command
+  with its own FATAL line)."""
 
   def filter(self, record: std_logging.LogRecord) -> bool:
-    return record.levelno >= std_logging.WARNING or "distil_jax" in record.pathname
+    if "distil_jax" in record.pathname:
+      return True
+    if record.levelno < std_logging.WARNING or (
+        record.levelno >= std_logging.ERROR and "orbax" in record.pathname):
+      return False
+    record.exc_info, record.exc_text, record.stack_info = None, None, None
+    return True
+
+
+def _thread_failed(args: threading.ExceptHookArgs) -> None:
+  """A library thread's uncaught exception, in one line (the command says what it means)."""
+  logging.warning("%s in thread %s: %s", args.exc_type.__name__,
+                  args.thread.name if args.thread else "?", str(args.exc_value).splitlines()[:1])
 
 
 def start() -> None:
-  """Quiets libraries' INFO logs and starts the multi-host runtime if asked: call it first."""
+  """Quiets libraries' INFO logs and tracebacks, and starts the multi-host runtime if asked:
+  call it first."""
   logging.get_absl_handler().addFilter(_OwnLogs())
+  threading.excepthook = _thread_failed
   if _DISTRIBUTED.value:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
@@ -73,4 +90,10 @@ def run(main) -> None:
       os._exit(1)  # Not sys.exit: it would wait for orbax's threads to time out (minutes).
     except errors.UserError as e:
       sys.exit(f"FATAL {e}")
+    except OSError as e:  # The disk, a permission, a path: the environment, not the code.
+      where = f" {e.filename}" if e.filename else ""
+      print(f"FATAL cannot use{where} ({type(e).__name__}: {e.strerror or e}): fix the path, "
+            "its permissions or free space, and run the command again", file=sys.stderr,
+            flush=True)
+      os._exit(1)
   app.run(guarded, flags_parser=parse_flags)

@@ -23,6 +23,7 @@ from jax.typing import ArrayLike
 from distil_jax import losses, models, optim, sharding
 
 PyTree = dict
+RUNS_AXIS = "runs"  # The vmapped axis of a stack of runs.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +38,9 @@ class StepConfig:
   frozen: tuple[str, ...] = ()  # Regexes of the frozen parameters (as `optim.make_optimizer`'s).
   num_runs: int = 0  # Runs stacked on a leading axis of state and hyper (0: no such axis).
   mse: bool = True  # L_mse computed; False skips it (alpha_mse is 0 in every run), as the original.
+  # A stack's updates applied only when every run's is finite (`optim.apply_update`): the runs
+  # stop together at one last finite state (the "stop" policy of a non-finite step).
+  stop_together: bool = False
 
 
 class Hyper(NamedTuple):
@@ -136,7 +140,8 @@ def _per_run(config: StepConfig, fn, num_stacked: int, num_args: int):
   shared), or `fn` itself when the state has no runs axis."""
   if not config.num_runs:
     return fn
-  return jax.vmap(fn, in_axes=(0,) * num_stacked + (None,) * (num_args - num_stacked))
+  return jax.vmap(fn, in_axes=(0,) * num_stacked + (None,) * (num_args - num_stacked),
+                  axis_name=RUNS_AXIS)
 
 
 def _split(config: StepConfig, batch: PyTree, num_micro: int, mesh: Mesh | None) -> PyTree:
@@ -180,7 +185,9 @@ def train_step(state: PyTree, teacher_params: PyTree | None, batch: PyTree, hype
       lambda carry, xs: (jax.tree.map(jnp.add, carry, micro_grads(*xs)), None), zeros,
       (micro, jnp.arange(config.accum_steps)))
 
-  update = functools.partial(optim.apply_update, tx=tx, frozen=config.frozen)
+  update = functools.partial(optim.apply_update, tx=tx, frozen=config.frozen,
+                             stack_axis=RUNS_AXIS if config.num_runs and config.stop_together
+                             else None)
   new_state, metrics["grad_norm"], metrics["finite"] = _per_run(config, update, 4, 4)(
       state, grads, hyper.lr_scale, metrics["loss"])
   metrics["student_accuracy"] = metrics.pop("student_correct") / jnp.maximum(metrics["masked"], 1)

@@ -43,6 +43,7 @@ from distil_jax import (
   sharding,
   stacked,
   storage,
+  validation,
 )
 from distil_jax import workdir as workdir_lib
 from distil_jax.data import glue, load_tokenizer
@@ -79,6 +80,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: epath.PathLike,
              allow_config_change: bool = False) -> dict[str, Any]:
   """Fine-tunes every run of `config` in `workdir`; returns results.json's content ({} if it
   stopped early). Raises `errors.Preempted` when a preemption stopped it (it saved)."""
+  validation.check(config, validation.FINETUNE_RULES)
   workdir = storage.absolute(workdir)
   with workdir_lib.locked([workdir]):
     return _finetune(config, workdir, allow_config_change)
@@ -95,6 +97,7 @@ def _finetune(config, workdir: epath.Path, allow_config_change: bool) -> dict[st
   task = glue.get_task(config.task)
   loaded = [hf.load_bert(init_dir, seed=r.seed, num_labels=task.num_labels) for r in runs]
   model_config = dataclasses.replace(loaded[0][0], dtype=config.dtype)
+  validation.check(config, [validation.integer("max_len", 3, model_config.max_positions)])
   tokenizer = load_tokenizer(init_dir, model_config.vocab_size)
   load = functools.partial(glue.load_split, task, tokenizer=tokenizer, max_len=config.max_len,
                            glue_dir=config.data_dir or None, tfds_data_dir=config.tfds_data_dir)
@@ -109,7 +112,8 @@ def _finetune(config, workdir: epath.Path, allow_config_change: bool) -> dict[st
 
   # ---------------------------------------------------------------- Mesh, sharded state, steps.
   mesh = sharding.make_mesh(config.mesh_shape)
-  step_config = classify_step.ClassifyConfig(model=model_config, num_labels=task.num_labels)
+  step_config = classify_step.ClassifyConfig(model=model_config, num_labels=task.num_labels,
+                                             stop_together=config.on_nonfinite == "stop")
   tx, schedule = optim.make_optimizer(
       total_steps=total_steps, lr_peak=runs[0].lr_peak,
       warmup_steps=math.ceil(config.warmup_frac * total_steps), b1=config.b1, b2=config.b2,

@@ -359,35 +359,63 @@ def export_hf(config: models.ModelConfig, params: dict, out_dir: str | os.PathLi
   BertForSequenceClassification, its classes named `label_names` (default LABEL_0, ...; one
   label is a regression). No torch needed.
 
-  `out_dir` must be empty or absent, or hold an earlier export of the same `source` (the run's
-  workdir, recorded in the directory): anything else is refused unless `overwrite`.
+  `out_dir` must be absent or empty, or hold an earlier export of the same `source` (the run's
+  workdir, recorded in the directory), which is replaced; with `overwrite`, an export of another
+  run is replaced too. A directory holding anything else (a workdir, another model) is never
+  written into (`check_export_dir`). The files are written beside `out_dir`, then moved into
+  place: an interrupted export leaves the previous one whole.
   """
   out = epath.Path(out_dir)
   check_export_dir(out, source, overwrite)
-  weights = out / "model.safetensors"
   hf_config = _hf_config(config, _num_labels(params), label_names)
-  out.mkdir(parents=True, exist_ok=True)
-  (out / EXPORT_MARK).write_text(json.dumps({"source": source}) + "\n")
   layout = "distilbert" if config.is_distilbert else "bert"
-  weights.write_bytes(safetensors.numpy.save(to_hf_state_dict(config, params, layout),
-                                             metadata={"format": "pt"}))
-  (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-  if tokenizer_dir is not None:
-    copy_tokenizer(tokenizer_dir, out)
+  # A bucket has no atomic rename of a directory: there the files are written in place.
+  staging = out if storage.is_remote(out) else out.parent / f".{out.name}.export-tmp"
+  try:
+    if staging.exists():  # Left by an interrupted export, or an export to replace: ours.
+      staging.rmtree()
+    staging.mkdir(parents=True)
+    (staging / EXPORT_MARK).write_text(json.dumps({"source": source}) + "\n")
+    (staging / "model.safetensors").write_bytes(safetensors.numpy.save(
+        to_hf_state_dict(config, params, layout), metadata={"format": "pt"}))
+    (staging / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    if tokenizer_dir is not None:
+      copy_tokenizer(tokenizer_dir, staging)
+    if staging != out:
+      if out.exists():  # Empty, or an export this call may replace (checked above).
+        out.rmtree()
+      staging.rename(out)
+  except OSError as e:
+    raise errors.StorageError(
+        f"cannot write the export {out} ({type(e).__name__}: {e.strerror or e}): give an --out "
+        "on a writable disk with free space; nothing else was changed") from None
   return out
 
 
 def check_export_dir(out: epath.PathLike, source: str, overwrite: bool = False) -> None:
-  """Refuses an output directory that holds anything but an earlier export of `source`."""
+  """Refuses an output that is a file, a run's workdir, or a directory holding anything but an
+  earlier export (of `source`; of any run with `overwrite`): nothing is written into a
+  directory that an export did not create."""
   out = epath.Path(out)
-  if overwrite or not out.exists() or not any(out.iterdir()):
+  if not out.exists():
     return
+  if not out.is_dir():
+    raise errors.OutputExists(f"--out={out} is a file: give a directory to export into (it is "
+                              "created)")
+  names = {p.name for p in out.iterdir()}
+  if not names:
+    return
+  if names & {"model.json", "checkpoints", "sweep.json", "lock.json"}:
+    raise errors.OutputExists(f"{out} is a run's workdir, which an export never replaces: "
+                              f"export into a new directory, e.g. --out={out}/export")
   mark = out / EXPORT_MARK
-  previous = json.loads(mark.read_text()).get("source") if mark.exists() else None
-  if not source or previous != source:
-    what = f"an export of {previous}" if previous else "files that are not an export of this run"
-    raise errors.OutputExists(f"{out} holds {what}: choose an empty --out directory, or pass "
-                              "--overwrite to replace its model")
+  if not mark.exists():
+    raise errors.OutputExists(f"{out} holds files that are not an export of distil_jax: choose a "
+                              "new or empty --out directory (it is never written into)")
+  previous = json.loads(mark.read_text()).get("source")
+  if previous != source and not overwrite:
+    raise errors.OutputExists(f"{out} holds an export of {previous}: choose a new --out "
+                              "directory, or pass --overwrite to replace that export")
 
 
 def export_distilbert(student_config: models.ModelConfig, student_params: dict,

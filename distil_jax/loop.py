@@ -99,9 +99,6 @@ def train(task: Task, state: PyTree, runs: Sequence[Run], checkpoint_dirs: Seque
   Raises `errors.Preempted` after saving when a preemption (SIGTERM) stops it, and
   `errors.Diverged` after saving the last finite state when a non-finite step stops it.
   """
-  if cadence.on_nonfinite not in ("stop", "skip"):
-    raise errors.ConfigError(f"config.on_nonfinite={cadence.on_nonfinite!r} is unknown: use "
-                             "'stop' or 'skip'")
   per_run = len(checkpoint_dirs) > 1
   take = stacked.take if per_run else (lambda tree, i: tree)
   ckpts = [checkpoint.Checkpointer(d, save_every_steps=cadence.checkpoint_every_steps,
@@ -136,9 +133,10 @@ def _loop(task: Task, state: PyTree, runs: Sequence[Run], ckpts, take, writers, 
       writer.eval(0, m)
   elif first_step == steps:
     logging.info("The run is at its last step already.")
-  tokens, flops, skipped, stop_reason = 0.0, 0.0, np.zeros(len(runs), int), None
+  tokens, flops, skipped = 0.0, 0.0, np.zeros(len(runs), int)
   with checkpoint.PreemptionWatcher() as watcher:
     for step in range(first_step + 1, steps + 1):
+      before = task.batches.get_state()  # Where the data stand for a state saved at step - 1.
       batch = next(task.batches)
       flops += task.flops(batch)
       state, step_metrics = task.train_step(state, task.place(batch))
@@ -147,13 +145,17 @@ def _loop(task: Task, state: PyTree, runs: Sequence[Run], ckpts, take, writers, 
         ckpt.check()  # A failed asynchronous save stops the run now.
       # Read every step (a few bytes): a non-finite update was not applied; say which part.
       finite = np.asarray(jax.device_get(step_metrics["finite"])).reshape(-1)
+      stop = None
       if not finite.all():
         skipped += ~finite
-        stop_reason = _nonfinite(cadence, step, step_metrics, finite, runs, skipped)
-      if step % cadence.log_every_steps == 0 or step == steps:
+        stop = _nonfinite(cadence, step, step_metrics, finite, runs, skipped)
+      if step % cadence.log_every_steps == 0 or step == steps or stop:
         _log(writers, runs, task, step, step_metrics, tokens, flops, skipped)
         tokens, flops = 0.0, 0.0
       with metrics.paused(writers):
+        if stop:
+          raise errors.Diverged(_stop(stop, cadence, ckpts, take, state, step,
+                                      (before, task.batches.get_state())))
         eval_losses = [None] * len(runs)
         if step % cadence.eval_every_steps == 0 or step == steps:
           eval_metrics = task.evaluate(state["params"])
@@ -161,16 +163,14 @@ def _loop(task: Task, state: PyTree, runs: Sequence[Run], ckpts, take, writers, 
             writer.eval(step, m)
           eval_losses = [m.get("eval_loss") for m in eval_metrics]
         preempted = watcher.should_stop(step)
-        force = step == steps or preempted or stop_reason is not None
+        force = step == steps or preempted
         if force or any(ckpt.due(step) for ckpt in ckpts):
           data_state = task.batches.get_state()
           for i, ckpt in enumerate(ckpts):  # Each run's share is cut out only when saved.
             ckpt.save(step, take(state, i), data_state, eval_losses[i], force=force)
-        if preempted or stop_reason is not None:
+        if preempted:
           for ckpt in ckpts:
             ckpt.wait()
-          if stop_reason is not None:
-            raise errors.Diverged(stop_reason)
           raise errors.Preempted(f"Preempted: saved step {step}; start the same command again "
                                  "to resume.")
   finished = int(np.asarray(jax.device_get(state["step"])).reshape(-1)[0]) == steps
@@ -245,6 +245,41 @@ def _resume(ckpts: Sequence[checkpoint.Checkpointer], state: PyTree, task: Task,
   return first_step, state
 
 
+def _stop(why: str, cadence: Cadence, ckpts, take, state: PyTree, step: int,
+          data_states: tuple[dict[str, Any], dict[str, Any]]) -> str:
+  """Saves what a stop for a non-finite step keeps; returns the whole message.
+
+  With "stop", no run's update of `step` was applied (a stack stops together): the state is the
+  last finite one, saved as checkpoint step - 1 with the data position before `step`'s batch
+  (`data_states[0]`), so that running again redoes `step` rather than walking past it. After too
+  many skipped steps, the state of `step` itself (its non-finite updates skipped) is saved as
+  checkpoint `step`, with the data position after its batch (`data_states[1]`)."""
+  if cadence.on_nonfinite == "skip":
+    for i, ckpt in enumerate(ckpts):
+      ckpt.save(step, take(state, i), data_states[1], force=True)
+      ckpt.wait()
+    return (f"{why}; saved the state of step {step} (its non-finite updates skipped): lower the "
+            "learning rate (run again with --allow_config_change to resume from there) or check "
+            "the data")
+  last = step - 1
+  if last == 0:
+    return (f"{why}; nothing to save at the first step: lower the learning rate and start "
+            "again")
+  had = all(last in ckpt.all_steps() for ckpt in ckpts)
+  earlier = sorted(set.intersection(*(set(c.all_steps()) for c in ckpts)) - {last})
+  last_state = {**state, "step": state["step"] - 1}
+  for i, ckpt in enumerate(ckpts):
+    ckpt.save(last, take(last_state, i), data_states[0], force=True)
+    ckpt.wait()
+  saved = (f"checkpoint {last} holds the last finite state" if had
+           else f"saved the last finite state as checkpoint {last}")
+  rewind = (f"add --resume_step=N to rewind to an earlier checkpoint (steps "
+            f"{', '.join(map(str, earlier))})" if earlier
+            else "if it diverges again from there, start afresh in a new --workdir")
+  return (f"{why}; {saved}: lower the learning rate and run again with --allow_config_change "
+          f"(it resumes from step {last}); {rewind}")
+
+
 def _nonfinite(cadence: Cadence, step: int, step_metrics, finite: np.ndarray,
                runs: Sequence[Run], skipped: np.ndarray) -> str | None:
   """Logs the runs whose update at `step` was not finite (naming the offending part); returns
@@ -258,15 +293,12 @@ def _nonfinite(cadence: Cadence, step: int, step_metrics, finite: np.ndarray,
       parts = ([f"grad_norm={value('grad_norm')}"] if not math.isfinite(value("grad_norm"))
                else ["the updated parameters"])
     name = runs[i].name
-    what = (f"{name + ': ' if name else ''}step {step} is not finite "
-            f"({', '.join(parts)}); its update was not applied")
+    what = f"{name + ': ' if name else ''}step {step} is not finite ({', '.join(parts)})"
     if cadence.on_nonfinite == "stop":
-      return (f"{what}; saved the last finite state as checkpoint {step}: lower the "
-              "learning rate and rewind to an earlier checkpoint (--resume_step=N "
-              "--allow_config_change) or start a new --workdir")
+      return f"{what}; no update of step {step} was applied"
+    what += "; its update was not applied"
     logging.warning("%s (skipped %d of at most %d).", what, skipped[i], cadence.max_skipped_steps)
     if skipped[i] > cadence.max_skipped_steps:
       return (f"{what}: {skipped[i]} steps skipped, more than max_skipped_steps="
-              f"{cadence.max_skipped_steps}; saved the last good state as checkpoint "
-              f"{step}: lower the learning rate or check the data")
+              f"{cadence.max_skipped_steps}")
   return None

@@ -10,13 +10,14 @@ import jax
 from absl import logging
 from etils import epath
 
-from distil_jax import storage
+from distil_jax import errors, storage
 
 
 class MetricWriter:
   """Writes train and eval scalars to the console, WORKDIR/tensorboard and WORKDIR/metrics.jsonl
   (one JSON object per line: {"step", "kind": "train" or "eval", "time": Unix seconds,
-  scalars...}).
+  scalars...}; strict JSON: a non-finite scalar is written as the string "nan", "inf" or "-inf",
+  which Python's float() reads back).
 
   A run resumed from `resume_step` first drops the rows of later steps (logged before the
   interruption, about to be logged again), so that every step has one row of each kind. The file
@@ -45,9 +46,15 @@ class MetricWriter:
     for name, value in scalars.items():
       self._tensorboard.add_scalar(f"{kind}/{name}", value, step)
     self._tensorboard.flush()
-    row = {"step": step, "kind": kind, "time": round(time.time(), 3), **scalars}
-    self._lines.append(json.dumps(row))
-    storage.write_atomic(self._path, "\n".join(self._lines) + "\n")
+    row = {"step": step, "kind": kind, "time": round(time.time(), 3),
+           **{name: _json_number(value) for name, value in scalars.items()}}
+    self._lines.append(json.dumps(row, allow_nan=False))
+    try:
+      storage.write_atomic(self._path, "\n".join(self._lines) + "\n")
+    except OSError as e:
+      raise errors.StorageError(
+          f"cannot write {self._path} ({type(e).__name__}: {e.strerror or e}): free space or fix "
+          "the disk, and start again to resume from the last checkpoint") from None
 
   def train(self, step: int, scalars: dict[str, float], tokens: float, flops: float,
             peak_flops: float) -> None:
@@ -102,6 +109,11 @@ def paused(writers: Sequence[MetricWriter]) -> Iterator[None]:
   finally:
     for writer in writers:
       writer._excluded += time.perf_counter() - start
+
+
+def _json_number(value: float) -> float | str:
+  """`value`, or for a non-finite one its name ("nan", "inf", "-inf"): JSON has no NaN."""
+  return value if math.isfinite(value) else str(value)
 
 
 def _step(line: str) -> float:

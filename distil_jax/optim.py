@@ -91,13 +91,15 @@ def create_state(params: PyTree, tx: optax.GradientTransformation, param_shardin
 
 
 def apply_update(state: PyTree, grads: PyTree, lr_scale: ArrayLike, loss: jax.Array, *,
-                 tx: optax.GradientTransformation, frozen: Sequence[str] = ()
-                 ) -> tuple[PyTree, jax.Array, jax.Array]:
+                 tx: optax.GradientTransformation, frozen: Sequence[str] = (),
+                 stack_axis: str | None = None) -> tuple[PyTree, jax.Array, jax.Array]:
   """One optimizer update of one run's state, scaled by `lr_scale`; returns (new state, the
-  gradient norm that clipping sees, whether it was applied).
+  gradient norm that clipping sees, whether the loss, gradient and result are finite).
 
   A non-finite loss, gradient or result is not applied: the parameters and optimizer state stay
-  (the step counter moves on).
+  (the step counter moves on). Called under `vmap(..., axis_name=stack_axis)` over a stack of
+  runs with `stack_axis`, no run's update is applied when any run's is not finite: the stack
+  stops as one, every run at the same last finite state.
   """
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   updates = jax.tree.map(lambda u: u * jnp.asarray(lr_scale, u.dtype), updates)
@@ -105,6 +107,9 @@ def apply_update(state: PyTree, grads: PyTree, lr_scale: ArrayLike, loss: jax.Ar
   grad_norm = optax.global_norm(jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), grads,
                                              trainable(grads, frozen)))
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(params))
-  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+  applied = finite
+  if stack_axis is not None:
+    applied = jax.lax.psum((~finite).astype(jnp.int32), stack_axis) == 0
+  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(applied, a, b), new, old)
   return ({"step": state["step"] + 1, "params": keep(params, state["params"]),
            "opt_state": keep(opt_state, state["opt_state"])}, grad_norm, finite)

@@ -72,6 +72,9 @@ def _read_json(path: pathlib.Path, expected: str) -> Any:
                       f"{expected}") from None
 
 
+_NON_FINITE = ("nan", "inf", "-inf")
+
+
 def read_metrics(path: pathlib.Path) -> tuple[tuple[dict, ...], int | None]:
   """(eval rows sorted by step, the last row of a step winning; the last step of any row)."""
   evals, last_step = {}, None
@@ -88,8 +91,8 @@ def read_metrics(path: pathlib.Path) -> tuple[tuple[dict, ...], int | None]:
       raise ReportError(f"{path} line {number} has no integer 'step' and 'kind': it is not a "
                         "distil_jax.main metrics row; delete that line")
     last_step = max(row["step"], last_step or 0)
-    if row["kind"] == "eval":
-      evals[row["step"]] = row
+    if row["kind"] == "eval":  # Non-finite values are written as "nan", "inf", "-inf".
+      evals[row["step"]] = {k: float(v) if v in _NON_FINITE else v for k, v in row.items()}
   return tuple(evals[step] for step in sorted(evals)), last_step
 
 

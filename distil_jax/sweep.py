@@ -238,6 +238,11 @@ def sweep(base: ml_collections.ConfigDict, grid: list[dict[str, Any]], directory
   """Runs (or resumes) every unfinished point of `grid` in `directory`."""
   directory = epath.Path(directory)
   points = make_points(base, grid)
+  for p in points:  # Every point is checked before any is trained.
+    try:
+      train.check_config(p.config)
+    except errors.ConfigError as e:
+      raise SweepError(f"point {p.workdir}: {e}") from None
   plan = groups(points, mode)
   if group is not None and not 0 <= group < len(plan):
     raise SweepError(f"--group={group} does not exist: this sweep has groups 0..{len(plan) - 1}")

@@ -39,6 +39,7 @@ from distil_jax import (
   stacked,
   storage,
   student,
+  validation,
 )
 from distil_jax import workdir as workdir_lib
 
@@ -54,6 +55,21 @@ def fusion_key(config: ml_collections.ConfigDict) -> str:
   """Equal for configs whose runs can be fused: everything but `FUSABLE_KEYS`."""
   rest = {k: v for k, v in workdir_lib.flatten(config).items() if k not in FUSABLE_KEYS}
   return json.dumps(rest, sort_keys=True, default=str)
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Refuses, in one line, a config that cannot run: every rule of `validation.DISTILL_RULES`,
+  then its student and sequences against the teacher's shape (read from its config.json alone;
+  an adapted teacher keeps the shape of the one it adapts, whose config is checked too)."""
+  validation.check(config, validation.DISTILL_RULES)
+  adapt = config.adapt_teacher
+  name = adapt.teacher if adapt is not None else config.teacher
+  checkpoint_dir = resources.minilm_dir() if name == "minilm" else hf.resolve(name)
+  teacher = hf.read_config(checkpoint_dir)[0]
+  validation.check(config, validation.teacher_rules(teacher.num_layers, teacher.max_positions,
+                                                    config.mode))
+  if adapt is not None:
+    check_config(adapt)
 
 
 def teacher_directory(config: ml_collections.ConfigDict, workdir: epath.Path) -> epath.Path:
@@ -74,8 +90,6 @@ def load_models(configs: Sequence[ml_collections.ConfigDict], teacher_dir: epath
   The teacher is read once per distinct seed (a checkpoint without an MLM head gets a fresh one,
   seeded); a student is built from its teacher layers, or initialised at random."""
   config = configs[0]
-  if config.mode not in ("distill", "mlm"):
-    raise errors.ConfigError(f"config.mode={config.mode!r} is unknown: use 'distill' or 'mlm'")
   loaded = {}
   for c in configs:
     if c.seed not in loaded:
@@ -106,10 +120,6 @@ def _student(config: ml_collections.ConfigDict, teacher_config: models.ModelConf
       config.student.copy_head_transform, config.seed)
   if config.student.init == "random":
     params = jax.tree.map(np.asarray, models.init_params(student_config, config.seed))
-  elif config.student.init != "teacher":
-    raise errors.ConfigError(
-        f"config.student.init={config.student.init!r} is unknown: use 'teacher' "
-        "(the paper's initialisation from teacher layers) or 'random'")
   return student_config, params
 
 
@@ -154,8 +164,11 @@ def run(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[epath.P
   teacher's forward computed once per batch for all of them. `names` label their log lines.
   Each workdir is locked while the run trains in it. A run resumes from its latest checkpoint
   that reads back, or from `resume_step` (later checkpoints are set aside: a rewind). Raises
-  `errors.Preempted` when a preemption stopped it (it saved: call again to resume).
+  `errors.Preempted` when a preemption stopped it (it saved: call again to resume). Every config
+  is checked (`check_config`) before anything is written.
   """
+  for config in configs:
+    check_config(config)
   if len({fusion_key(c) for c in configs}) > 1:
     raise errors.ConfigError(
         "runs trained together must differ only in " + ", ".join(FUSABLE_KEYS))
@@ -218,7 +231,7 @@ def _train(configs, workdirs, names, allow_config_change, resume_step) -> list[d
           config.data.max_len, config.data.mask_prob),
       accum_steps=config.accum_steps, frozen=tuple(config.optim.frozen),
       num_runs=num_runs if num_runs > 1 else 0,
-      mse=any(c.distill.alpha_mse for c in configs))
+      mse=any(c.distill.alpha_mse for c in configs), stop_together=config.on_nonfinite == "stop")
   params = [{"student": p} for p in params]
   if config.distill.project_student_hidden and teacher_config:
     for p, c in zip(params, configs, strict=True):

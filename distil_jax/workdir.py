@@ -166,11 +166,13 @@ def _describe(c: models.ModelConfig) -> str:
 class WorkdirLock:
   """WORKDIR/lock.json, held by the run that trains in the workdir (taken by process 0).
 
-  A second run is refused with the holder's host and pid. A lock left by a dead process is taken
-  over: on the same host when its pid is gone, from another host when its heartbeat (renewed by
-  `refresh`, which `locked` calls on a timer) is older than `stale_after_s`. On local disks the
-  lock is created atomically; on GCS it is written and read back (two runs started within the
-  same second could both pass).
+  A second run is refused with the holder's host and pid. A lock is taken over only when it is
+  provably stale: on the same host when its pid is gone, from another host when its heartbeat
+  (renewed by `refresh`, which `locked` calls on a timer) is older than `stale_after_s`, and an
+  empty lock file (a run that could not write it) once it is older than that. Any other
+  unreadable lock is refused with the command that clears it. On local disks the lock is created
+  whole and atomically (a hard link of a written file); on GCS it is written and read back (two
+  runs started within the same second could both pass).
   """
 
   def __init__(self, workdir: epath.PathLike, stale_after_s: float | None = None):
@@ -180,20 +182,26 @@ class WorkdirLock:
 
   def acquire(self) -> None:
     holder = self._holder()
+    if holder is _UNREADABLE:
+      holder = self._unreadable()
     if holder is not None and self._alive(holder):
       raise WorkdirError(
           f"{self.path.parent} is in use by process {holder.get('pid')} on host "
           f"{holder.get('host')} (heartbeat {time.time() - holder.get('heartbeat', 0):.0f} s "
           "ago): wait for that run to end or stop it; the lock of a dead process is taken over")
-    if holder is not None:
+    if holder and "pid" in holder:
       logging.warning("Taking over the lock of %s: its process %s on %s is gone.",
                       self.path.parent, holder.get("pid"), holder.get("host"))
-    self.path.parent.mkdir(parents=True, exist_ok=True)
     try:
+      self.path.parent.mkdir(parents=True, exist_ok=True)
       self._write(exclusive=holder is None)
     except FileExistsError:
       raise WorkdirError(f"{self.path.parent} was locked by another run just now: wait for "
                          "it to end or stop it") from None
+    except OSError as e:
+      raise errors.StorageError(
+          f"cannot write {self.path} ({type(e).__name__}: {e.strerror or e}): free space or fix "
+          "the permissions of the workdir, then start again; nothing was changed") from None
     if (self._holder() or {}).get("token") != self._mine["token"]:
       raise WorkdirError(f"{self.path.parent} was locked by another run just now: wait for "
                          "it to end or stop it")
@@ -207,12 +215,35 @@ class WorkdirLock:
       self.path.unlink()
 
   def _holder(self) -> dict[str, Any] | None:
+    """The lock's content; None if there is none, `_UNREADABLE` if it is not a lock's JSON."""
     try:
-      return json.loads(self.path.read_text())
+      holder = json.loads(self.path.read_text())
     except FileNotFoundError:
       return None
     except (json.JSONDecodeError, UnicodeDecodeError):
-      return {}  # A half-written lock: a run is starting.
+      return _UNREADABLE
+    return holder if isinstance(holder, dict) and "heartbeat" in holder else _UNREADABLE
+
+  def _unreadable(self) -> dict[str, Any] | None:
+    """An empty lock file older than the stale limit as a stale holder; None if it is gone; any
+    other unreadable lock refused."""
+    try:
+      stat = self.path.stat()
+    except FileNotFoundError:  # Released just now.
+      return None
+    age = time.time() - stat.mtime
+    if stat.length == 0 and age > self.stale_after_s:
+      logging.warning("Taking over the empty lock file %s, %.0f s old.", self.path, age)
+      return {"heartbeat": 0.0}
+    clear = (f"gcloud storage rm {self.path}" if storage.is_remote(self.path)
+             else f"rm {self.path}")
+    if stat.length == 0:
+      raise WorkdirError(
+          f"{self.path} is empty, {age:.0f} s old (a run that could not write it, or one "
+          f"starting): it is taken over once {self.stale_after_s:.0f} s old; if no run uses "
+          f"{self.path.parent}, clear it now with `{clear}`")
+    raise WorkdirError(f"{self.path} is not a lock that distil_jax wrote: if no run uses "
+                       f"{self.path.parent}, clear it with `{clear}` and start again")
 
   def _alive(self, holder: dict[str, Any]) -> bool:
     if holder.get("host") == self._mine["host"] and "pid" in holder:
@@ -228,10 +259,19 @@ class WorkdirLock:
   def _write(self, exclusive: bool) -> None:
     text = json.dumps({**self._mine, "heartbeat": time.time()})
     if exclusive and not storage.is_remote(self.path):
-      with open(self.path, "x") as f:  # Atomic: fails if another run created it first.
-        f.write(text)
+      # Written whole, then linked into place: fails if another run created it first, and a
+      # full disk leaves no empty lock behind.
+      written = self.path.with_name(f".lock.{self._mine['token']}.tmp")
+      try:
+        written.write_text(text)
+        os.link(written, self.path)
+      finally:
+        written.unlink(missing_ok=True)
     else:
       storage.write_atomic(self.path, text)  # A reader never sees half a heartbeat.
+
+
+_UNREADABLE = {"unreadable": True}  # What `_holder` returns for a lock it cannot read.
 
 
 class _Heartbeat:

@@ -62,3 +62,13 @@ def test_plan_splits_the_grid_where_shapes_differ(tmp_path, capsys, monkeypatch)
   assert [[p["workdir"] for p in g["points"]] for g in groups] == [
       ["L1_T2", "L1_T8"], ["L2_T2", "L2_T8"]]
   assert not (tmp_path / "sweep.json").exists()
+
+
+def test_every_point_of_a_sweep_is_checked_before_any_is_trained(tmp_path, bert_dir):
+  base = sweep_points.get_config()
+  base.teacher = str(bert_dir)
+  grid = sweep.parse_sweeps(base, ["optim.lr_peak=1e-3,-1"])
+  with pytest.raises(sweep.SweepError, match=r"^point lr-1: 1 config value cannot run: "
+                                             r"optim.lr_peak=-1.0: it must be a number in \(0, "):
+    sweep.sweep(base, grid, tmp_path / "sweep")
+  assert not (tmp_path / "sweep").exists()

@@ -159,8 +159,9 @@ def test_global_batch_of_one_process(corpus, tmp_path):
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    ({"min_len": 2}, r"min_len=2 must lie in \[3, max_len=32\]"),
-    ({"bucket": (32,)}, r"bucket=\(32,\) must ascend below max_len=32"),
+    ({"min_len": 2}, r"min_len=2: it must be an integer >= 3"),
+    ({"bucket": (32,)}, r"bucket=\(32,\), max_len=32: they must be bucket lengths ascending, "
+                        r"each in \[3, max_len\)"),
     ({"eval_examples": 80}, r"eval_examples=80 leaves no train document of 80"),
     ({"data_dir": "gs://bucket/data"}, r"must be a local directory"),
 ])

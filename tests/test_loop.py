@@ -3,6 +3,7 @@ policy, preemption, stacked runs, the logged learning rate and MFU. No model: se
 minutes; the commands' own runs are in test_main, test_sweep, test_finetune and test_faults."""
 
 import dataclasses
+import functools
 import json
 import signal
 
@@ -38,22 +39,25 @@ class Batches:
     self.step = state["step"]
 
 
-def _one_run(state, batch, lr_scale):
+def _one_run(state, batch, lr_scale, stack_axis=None):
   loss_fn = lambda p: jnp.sum((p["w"] - batch["x"]) ** 2)
   loss, grads = jax.value_and_grad(loss_fn)(state["params"])
-  state, grad_norm, finite = optim.apply_update(state, grads, lr_scale, loss, tx=TX)
+  state, grad_norm, finite = optim.apply_update(state, grads, lr_scale, loss, tx=TX,
+                                                stack_axis=stack_axis)
   return state, {"loss": loss, "grad_norm": grad_norm, "finite": finite,
                  "tokens": jnp.float32(4)}
 
 
-def _task(batches, lr_scales=None):
+def _task(batches, lr_scales=None, stop_together=False):
   """One run, or with `lr_scales` a stack of runs (one per scale) on the same batches."""
   if lr_scales is None:
     step = jax.jit(lambda s, b: _one_run(s, b, 1.0))
     evaluate = lambda p: [{"eval_loss": float(jnp.sum((p["w"] - TARGET) ** 2))}]
   else:
     scales = jnp.asarray(lr_scales, jnp.float32)
-    step = jax.jit(lambda s, b: jax.vmap(_one_run, in_axes=(0, None, 0))(s, b, scales))
+    one_run = functools.partial(_one_run, stack_axis="runs" if stop_together else None)
+    step = jax.jit(lambda s, b: jax.vmap(one_run, in_axes=(0, None, 0), axis_name="runs")(
+        s, b, scales))
     evaluate = lambda p: [{"eval_loss": float(jnp.sum((w - TARGET) ** 2))} for w in p["w"]]
   return loop.Task(train_step=step, batches=batches, place=lambda b: b, evaluate=evaluate,
                    schedule=optax.constant_schedule(0.1), flops=lambda b: 1e3, peak_flops=1e9,
@@ -117,24 +121,53 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
 
 
 def test_a_nonfinite_step_stops_the_run_with_its_last_finite_state_saved(tmp_path):
-  with pytest.raises(errors.Diverged, match=r"^step 3 is not finite \(loss=nan\); its update "
-                                            r"was not applied; saved the last finite state"):
-    _train(tmp_path, Batches(poisoned={3}))
-  before = _train(tmp_path / "two", cadence=dataclasses.replace(CADENCE, total_steps=2))
-  with checkpoint.Checkpointer(tmp_path, save_every_steps=1, keep_last=5) as ckpt:
-    assert ckpt.all_steps() == [2, 3]
-    np.testing.assert_array_equal(ckpt.restore_on_one_device(3)["params"]["w"], _w(before))
+  """Checkpoint 3 is the state before the non-finite step 4, with the data before its batch:
+  running again redoes step 4 (and stops again, saving nothing); without the fault, the resumed
+  run equals an uninterrupted one. At step 3, checkpoint 2 (on the interval) is that state."""
+  for saved in ("saved the last finite state as checkpoint 3", "checkpoint 3 holds the last "
+                "finite state"):
+    with pytest.raises(errors.Diverged, match=r"^step 4 is not finite \(loss=nan\); no update of "
+                                              rf"step 4 was applied; {saved}: lower the learning "
+                                              r"rate and run again with --allow_config_change "
+                                              r"\(it resumes from step 3\); add --resume_step=N "
+                                              r"to rewind to an earlier checkpoint \(steps 2\)$"):
+      _train(tmp_path, Batches(poisoned={4}))
+    assert checkpoint.saved_steps(tmp_path) == [2, 3]
+  np.testing.assert_array_equal(_w(_train(tmp_path)), _w(_train(tmp_path / "whole")))
+  with pytest.raises(errors.Diverged, match=r"checkpoint 2 holds the last finite state"):
+    _train(tmp_path / "at3", Batches(poisoned={3}))
+  assert checkpoint.saved_steps(tmp_path / "at3") == [2]
+  with pytest.raises(errors.Diverged, match=r"nothing to save at the first step"):
+    _train(tmp_path / "at1", Batches(poisoned={1}))
+  assert checkpoint.saved_steps(tmp_path / "at1") == []
+
+
+def test_a_stack_stops_together_at_its_last_finite_state(tmp_path):
+  """Run b's learning rate (1e9 times a's) overflows its parameters at step 3; with stop_together,
+  run a's update of step 3 is not applied either: both runs save their state of step 2 (no
+  checkpoint is due before), run a's equal to two steps of its own."""
+  dirs = [tmp_path / "a", tmp_path / "b"]
+  cadence = dataclasses.replace(CADENCE, checkpoint_every_steps=100)
+  with pytest.raises(errors.Diverged, match=r"^b: step 3 is not finite \(the updated "
+                                            r"parameters\); no update of step 3 was applied; "
+                                            r"saved the last finite state as checkpoint 2"):
+    loop.train(_task(Batches(), lr_scales=[1.0, 1e9], stop_together=True), _state(2),
+               [loop.Run("a", dirs[0]), loop.Run("b", dirs[1])], dirs, cadence)
+  assert checkpoint.saved_steps(dirs[0]) == checkpoint.saved_steps(dirs[1]) == [2]
+  alone = _train(tmp_path / "alone", cadence=dataclasses.replace(cadence, total_steps=2))
+  with checkpoint.Checkpointer(dirs[0], save_every_steps=1, keep_last=5) as ckpt:
+    np.testing.assert_allclose(ckpt.restore_on_one_device(2)["params"]["w"], _w(alone),
+                               rtol=1e-6)
 
 
 def test_nonfinite_steps_are_skipped_up_to_the_limit(tmp_path):
   cadence = dataclasses.replace(CADENCE, on_nonfinite="skip", max_skipped_steps=1,
                                 log_every_steps=1)
   with pytest.raises(errors.Diverged, match=r"step 5 is not finite .*: 2 steps skipped, more "
-                                            r"than max_skipped_steps=1"):
+                                            r"than max_skipped_steps=1; saved the state of step 5"):
     _train(tmp_path, Batches(poisoned={2, 5}), cadence)
   assert [r["skipped_steps"] for r in _rows(tmp_path, "train")] == [0, 1, 1, 1, 2]
-  with pytest.raises(errors.ConfigError, match="on_nonfinite='ignore' is unknown"):
-    _train(tmp_path / "bad", cadence=dataclasses.replace(CADENCE, on_nonfinite="ignore"))
+  assert checkpoint.saved_steps(tmp_path) == [2, 4, 5]
 
 
 def test_a_preemption_saves_and_raises_preempted(tmp_path):

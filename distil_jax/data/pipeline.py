@@ -14,7 +14,6 @@ evaluated on the same positions.
 """
 
 import functools
-import itertools
 import os
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -26,7 +25,7 @@ import numpy as np
 import tokenizers
 from absl import logging
 
-from distil_jax import errors
+from distil_jax import errors, validation
 from distil_jax.data import files
 from distil_jax.data.masking import mask_tokens, smoothed_token_weights
 from distil_jax.data.sequences import Sequences, make_sequences, split_by_length
@@ -107,19 +106,14 @@ def global_batch(local_batch: Batch, sharding: jax.sharding.NamedSharding) -> di
 
 
 def _check(config: ml_collections.ConfigDict, process_count: int) -> tuple[int, ...]:
-  """Validates `config`; returns the bucket lengths, max_len last."""
+  """Checks `config` (the rules of `validation.DATA_RULES`) and that the processes share its
+  batches evenly; returns the bucket lengths, max_len last."""
+  validation.check(config, validation.DATA_RULES)
   for key in ("batch_size", "eval_batch_size"):
     if config[key] % process_count:
       raise errors.ConfigError(f"config.data.{key}={config[key]} is not divisible by the "
                                f"{process_count} processes: make it a multiple of {process_count}")
-  if not 3 <= config.min_len <= config.max_len:
-    raise errors.ConfigError(f"config.data.min_len={config.min_len} must lie in [3, max_len="
-                             f"{config.max_len}]: change min_len")
-  bucket_lengths = (*config.bucket, config.max_len)
-  if any(not short < long for short, long in itertools.pairwise(bucket_lengths)):
-    raise errors.ConfigError(f"config.data.bucket={config.bucket} must ascend below max_len="
-                             f"{config.max_len}: fix the bucket lengths")
-  return bucket_lengths
+  return (*config.bucket, config.max_len)
 
 
 def _token_ids(config: ml_collections.ConfigDict, tokenizer: tokenizers.Tokenizer,
