@@ -1,5 +1,6 @@
 """What the commands share: flag parsing with one-line errors, logging, the multi-host runtime."""
 
+import glob
 import logging as std_logging
 import os
 import re
@@ -26,6 +27,8 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0 
 RESUME_STEP = flags.DEFINE_integer(
     "resume_step", None, "Resume from this checkpoint rather than the latest (a rewind: later "
     "checkpoints are moved to WORKDIR/set_aside).")
+JSON_OUT = flags.DEFINE_string("json_out", None, "Also write what the command prints (metrics, "
+                               "compile reports) to this JSON file.")
 ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     "allow_config_change", False, "Resume a workdir although the config changes the run's "
     "trajectory (learning rate, steps, data, ...).")
@@ -64,11 +67,22 @@ def _thread_failed(args: threading.ExceptHookArgs) -> None:
                   args.thread.name if args.thread else "?", str(args.exc_value).splitlines()[:1])
 
 
+def _without_absent_accelerators() -> None:
+  """With libtpu installed (requirements-dev.txt), JAX probes for a TPU when it starts, 0.15 s
+  and five lines of libtpu's complaints on a machine that has none: where no TPU (nor GPU)
+  device file exists and JAX_PLATFORMS is not set, JAX starts on the CPU alone."""
+  if "JAX_PLATFORMS" in os.environ or any(glob.glob(pattern) for pattern in (
+      "/dev/accel*", "/dev/vfio/[0-9]*", "/dev/nvidia[0-9]*")):
+    return
+  jax.config.update("jax_platforms", "cpu")
+
+
 def start() -> None:
-  """Quiets libraries' INFO logs and tracebacks, and starts the multi-host runtime if asked:
-  call it first."""
+  """Quiets libraries' INFO logs and tracebacks, keeps JAX off accelerators that are not there,
+  and starts the multi-host runtime if asked: `run` calls it before a command's main."""
   logging.get_absl_handler().addFilter(_OwnLogs())
   threading.excepthook = _thread_failed
+  _without_absent_accelerators()
   if _DISTRIBUTED.value:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
@@ -82,6 +96,7 @@ def run(main) -> None:
   preemption with exit code 0."""
   def guarded(argv):
     try:
+      start()
       main(argv)
     except errors.Preempted as e:  # It saved: exit 0, the same command resumes.
       logging.info("%s", e)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from absl import app
 
-from distil_jax import hf, models
+from distil_jax import cli, hf, models
 
 
 def model_config(name_or_dir: str) -> models.ModelConfig:
@@ -47,4 +47,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -34,7 +34,6 @@ _PACK = flags.DEFINE_bool("pack", True, "Fill sequences with consecutive documen
 _EVAL_EXAMPLES = flags.DEFINE_integer("eval_examples", 500, "Held-out documents (default text).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Sequences per batch.")
 _DATA_DIR = flags.DEFINE_string("data_dir", "~/.cache/distil_jax", "Token-id caches.")
-_JSON_OUT = flags.DEFINE_string("json_out", None, "Also write the metrics to this JSON file.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                            "Weights and compute of the models (softmax and norms stay float32).")
 
@@ -93,7 +92,6 @@ def evaluate_models(model: str, teacher: str | None, config, dtype: str = "float
 
 def main(argv) -> None:
   del argv
-  cli.start()
   if not _MODEL.value:
     raise app.UsageError("--model is required: a HF directory, hub name or workdir")
   config = data_config(_TEXT.value, max_len=_MAX_LEN.value, pack=_PACK.value,
@@ -105,8 +103,8 @@ def main(argv) -> None:
             "max_len": config.max_len, "pack": config.pack, **metrics}
   logging.info("%s", " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
   print(json.dumps(result, indent=2))
-  if _JSON_OUT.value:
-    epath.Path(_JSON_OUT.value).write_text(json.dumps(result, indent=2) + "\n")
+  if cli.JSON_OUT.value:
+    epath.Path(cli.JSON_OUT.value).write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -67,7 +67,6 @@ def _restore(workdir: epath.PathLike, step: int | None):
 
 def main(argv) -> None:
   del argv
-  cli.start()
   if not (cli.WORKDIR.value and _OUT.value):
     raise app.UsageError("--workdir and --out are required")
   print(export_checkpoint(cli.WORKDIR.value, _OUT.value, _STEP.value, _OVERWRITE.value,

@@ -17,7 +17,6 @@ from distil_jax import cli, train, workdir
 
 def main(argv) -> None:
   del argv
-  cli.start()
   if cli.WORKDIR.value is None:
     raise app.UsageError("--workdir is required: the directory for checkpoints and exports")
   config = cli.CONFIG.value
