@@ -51,7 +51,7 @@ def measure_steps(batch: dict, steps: int) -> list[dict]:
     for _ in range(steps):
       run()
     seconds = (time.perf_counter() - start) / steps
-    flops = perf.train_step_flops(config, batch_size, seq_len)
+    flops = perf.train_step_flops(config, perf.full_rows(config, batch_size, seq_len))
     rows.append({"variant": name, "s/step": seconds, "tokens/s": tokens / seconds,
                  "padded tokens/s": batch_size * seq_len / seconds, "GFLOP/step": flops / 1e9,
                  "XLA GFLOP/step": xla_flops / 1e9, "MFU": flops / seconds / peak})

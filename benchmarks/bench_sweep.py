@@ -49,8 +49,9 @@ def predicted_ratio(points: int = 4) -> tuple[float, float, float]:
   student = dataclasses.replace(teacher, num_layers=3, type_vocab_size=0)
   one = distill_step.StepConfig(student=student, teacher=teacher, restrict_ce_to_mask=True,
                                 max_predictions=distill_step.max_predictions(128, 0.15))
-  fused = perf.train_step_flops(dataclasses.replace(one, num_runs=points), 32, 128)
-  separate = points * perf.train_step_flops(one, 32, 128)
+  fused_config = dataclasses.replace(one, num_runs=points)
+  fused = perf.train_step_flops(fused_config, perf.full_rows(fused_config, 32, 128))
+  separate = points * perf.train_step_flops(one, perf.full_rows(one, 32, 128))
   return fused, separate, fused / separate
 
 

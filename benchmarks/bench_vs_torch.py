@@ -93,8 +93,8 @@ def measure(shape: str, repeats: int, warmup: int, peaks: tuple[float, float]) -
     ours, _ = step_setups.compile_step(config, student_params, teacher_params, batch)
     reference = torch_reference.Distiller(teacher, student, restrict_ce_to_mask=masked_only)
     ours_s, torch_s = alternate([ours, lambda r=reference: r.step(batch)], repeats, warmup)
-    useful = perf.train_step_flops(dataclasses.replace(config, max_predictions=masked_per_row),
-                                   batch_size, seq_len) / tokens
+    counted = dataclasses.replace(config, max_predictions=masked_per_row)
+    useful = perf.train_step_flops(counted, perf.full_rows(counted, batch_size, seq_len)) / tokens
     rows.append({"shape": f"{shape} {batch_size}x{seq_len}", "L_ce on": ce_on,
                  "ours tokens/s": tokens / ours_s, "torch tokens/s": tokens / torch_s,
                  "ours/torch": torch_s / ours_s, "GFLOP/token": useful / 1e9,

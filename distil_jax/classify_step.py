@@ -48,8 +48,9 @@ def _logits(config: ClassifyConfig, params: PyTree, batch: PyTree, rng: jax.Arra
       deterministic=rng is None, **dropout)
 
 
-def train_step(state: PyTree, batch: PyTree, hyper: Hyper, *, config: ClassifyConfig,
-               tx: optax.GradientTransformation) -> tuple[PyTree, dict[str, jax.Array]]:
+def train_step(state: PyTree, batch: PyTree, hyper: Hyper, proceed: ArrayLike = True, *,
+               config: ClassifyConfig, tx: optax.GradientTransformation
+               ) -> tuple[PyTree, dict[str, jax.Array]]:
   """One update of every stacked run on its own batch ([runs, batch, seq] arrays; "weights"
   [runs, batch] marks the rows that count)."""
   def one_run(state, batch, hyper):
@@ -62,7 +63,7 @@ def train_step(state: PyTree, batch: PyTree, hyper: Hyper, *, config: ClassifyCo
     (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     new_state, grad_norm, finite = optim.apply_update(
         state, grads, hyper.lr_scale, loss, tx=tx, frozen=config.frozen,
-        stack_axis="runs" if config.stop_together else None)
+        stack_axis="runs" if config.stop_together else None, proceed=proceed)
     metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite,
                "tokens": jnp.sum(batch["attention_mask"] > 0).astype(jnp.float32)}
     if not config.regression:
@@ -84,9 +85,10 @@ def jit_steps(config: ClassifyConfig, tx: optax.GradientTransformation, mesh: Me
   The runs axis is replicated, the rows of every batch sharded over the data-parallel axes."""
   runs_batch = NamedSharding(mesh, P(None, sharding.BATCH_AXES))
   replicated = NamedSharding(mesh, P())
-  train = jax.jit(functools.partial(train_step, config=config, tx=tx),
-                  in_shardings=(state_shardings, runs_batch, replicated),
-                  out_shardings=(state_shardings, replicated), donate_argnums=0)
+  train = optim.proceed_optional(jax.jit(
+      functools.partial(train_step, config=config, tx=tx),
+      in_shardings=(state_shardings, runs_batch, replicated, replicated),
+      out_shardings=(state_shardings, replicated), donate_argnums=0), arity=3)
   evaluate = jax.jit(functools.partial(predict, config=config),
                      in_shardings=(state_shardings["params"], sharding.batch_sharding(mesh)),
                      out_shardings=replicated)

@@ -16,6 +16,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
@@ -41,6 +42,9 @@ class StepConfig:
   # A stack's updates applied only when every run's is finite (`optim.apply_update`): the runs
   # stop together at one last finite state (the "stop" policy of a non-finite step).
   stop_together: bool = False
+  # Positions whose logits (student's and teacher's) are made at a time in the losses, each
+  # chunk's recomputed in the backward pass (`losses.logit_sums`); 0: all at once, and stored.
+  logit_chunk: int = 0
 
 
 class Hyper(NamedTuple):
@@ -84,50 +88,61 @@ def _counts(valid: jax.Array, labels: jax.Array, attention_mask: jax.Array
           "loss_cos": count(attention_mask > 0)}
 
 
+def _logits(model: models.ModelConfig, params: PyTree, out: models.EncoderOutput, lazy: bool
+            ) -> jax.Array | losses.LazyLogits:
+  """The logits of `out`, or with `lazy` its head features and their projection."""
+  if not lazy:
+    return out.logits
+  return losses.LazyLogits(out.logits, lambda f: models.mlm_logits(model, params, f))
+
+
 def _teacher_outputs(config: StepConfig, teacher_params: PyTree | None, batch: PyTree,
-                     positions: jax.Array | None, mesh: Mesh | None) -> losses.Outputs | None:
+                     positions: jax.Array | None, mesh: Mesh | None, lazy: bool = False
+                     ) -> losses.Outputs | None:
   """The frozen teacher's outputs at `positions` (deterministic), or None without a teacher."""
   if config.teacher is None:
     return None
   pinned = None if mesh is None else sharding.batch_sharding(mesh)
-  t = models.Encoder(config.teacher, pinned).apply(
+  t = jax.lax.stop_gradient(models.Encoder(config.teacher, pinned).apply(
       {"params": teacher_params}, batch["input_ids"], batch["attention_mask"],
-      logit_positions=positions)
-  return jax.lax.stop_gradient(losses.Outputs(t.logits, t.hidden_states[-1]))
+      logit_positions=positions, project=not lazy))
+  return losses.Outputs(_logits(config.teacher, teacher_params, t, lazy), t.hidden_states[-1])
 
 
 def _student_outputs(config: StepConfig, params: PyTree, batch: PyTree,
                      positions: jax.Array | None, rng: jax.Array | None,
-                     mesh: Mesh | None) -> losses.Outputs:
+                     mesh: Mesh | None, lazy: bool = False) -> losses.Outputs:
   """The student's outputs at `positions`, its hidden states projected if it has a projection.
 
-  Dropout is on when `rng` is given."""
+  Dropout is on when `rng` is given; with `lazy`, the logits are `losses.LazyLogits`."""
   pinned = None if mesh is None else sharding.batch_sharding(mesh)
   dropout = {} if rng is None else {"rngs": {"dropout": rng}}
   out = models.Encoder(config.student, pinned).apply(
       {"params": params["student"]}, batch["input_ids"], batch["attention_mask"],
-      logit_positions=positions, deterministic=rng is None, **dropout)
+      logit_positions=positions, deterministic=rng is None, project=not lazy, **dropout)
   hidden = out.hidden_states[-1]
   if "projection" in params:
     hidden = hidden @ params["projection"]["kernel"] + params["projection"]["bias"]
-  return losses.Outputs(out.logits, hidden)
+  return losses.Outputs(_logits(config.student, params["student"], out, lazy), hidden)
 
 
 def _micro_loss(params, teacher, batch, targets, weights, totals, rng, config, mesh):
   """A micro-batch's share of the full batch's loss, and its metrics as sums."""
   positions, valid, labels = targets
-  student = _student_outputs(config, params, batch, positions, rng, mesh)
+  student = _student_outputs(config, params, batch, positions, rng, mesh,
+                             lazy=config.logit_chunk > 0)
   counts = _counts(valid, labels, batch["attention_mask"])
   frac = {k: n / jnp.maximum(totals[k], 1.0) for k, n in counts.items()}
   scaled = weights._replace(**{f"alpha_{part}": getattr(weights, f"alpha_{part}") * frac[
       f"loss_{part}"] for part in ("ce", "mlm", "cos", "mse")})
   total, parts = losses.distillation_loss(student, teacher, labels, valid,
-                                          batch["attention_mask"], scaled, config.mse)
-  metrics = {k: v * frac[k] for k, v in parts.items() if k != "loss"}
+                                          batch["attention_mask"], scaled, config.mse,
+                                          config.logit_chunk)
+  metrics = {k: v * frac[k] for k, v in parts.items() if k.startswith("loss_")}
   metrics["loss"] = total
-  metrics["student_correct"], metrics["masked"] = losses.masked_accuracy(student.logits, labels)
+  metrics["student_correct"], metrics["masked"] = parts["student_correct"], parts["labeled"]
   if teacher is not None:
-    metrics["teacher_correct"], _ = losses.masked_accuracy(teacher.logits, labels)
+    metrics["teacher_correct"] = parts["teacher_correct"]
   metrics["tokens"] = jnp.sum(batch["attention_mask"] > 0).astype(jnp.float32)
   # Masked positions beyond max_predictions in a row; they get no logits, so no loss.
   metrics["dropped_predictions"] = (jnp.sum(batch["labels"] != losses.IGNORE_INDEX)
@@ -155,8 +170,9 @@ def _split(config: StepConfig, batch: PyTree, num_micro: int, mesh: Mesh | None)
   return jax.tree.map(split, batch)
 
 
-def train_step(state: PyTree, teacher_params: PyTree | None, batch: PyTree, hyper: Hyper, *,
-               config: StepConfig, tx: optax.GradientTransformation, mesh: Mesh | None = None
+def train_step(state: PyTree, teacher_params: PyTree | None, batch: PyTree, hyper: Hyper,
+               proceed: ArrayLike = True, *, config: StepConfig,
+               tx: optax.GradientTransformation, mesh: Mesh | None = None
                ) -> tuple[PyTree, dict[str, jax.Array]]:
   """One update on `batch` ([accum_steps * micro, seq] arrays), split into micro-batches.
 
@@ -168,14 +184,16 @@ def train_step(state: PyTree, teacher_params: PyTree | None, batch: PyTree, hype
   totals = _counts(*_logit_targets(config, batch)[1:], batch["attention_mask"])
 
   def run_grads(params, step, hyper, teacher, micro_batch, targets, i):
-    rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(hyper.seed), step), i)
+    rng = jax.random.fold_in(jax.random.fold_in(
+        jax.random.key(hyper.seed), step), i)
     return jax.grad(_micro_loss, has_aux=True)(params, teacher, micro_batch, targets,
                                                hyper.weights, totals, rng, config, mesh)
   run_grads = _per_run(config, run_grads, 3, 7)
 
   def micro_grads(micro_batch, i):
     targets = _logit_targets(config, micro_batch)
-    teacher = _teacher_outputs(config, teacher_params, micro_batch, targets[0], mesh)
+    teacher = _teacher_outputs(config, teacher_params, micro_batch, targets[0], mesh,
+                               lazy=config.logit_chunk > 0)
     return run_grads(state["params"], state["step"], hyper, teacher, micro_batch, targets, i)
 
   micro = _split(config, batch, config.accum_steps, mesh)
@@ -187,7 +205,7 @@ def train_step(state: PyTree, teacher_params: PyTree | None, batch: PyTree, hype
 
   update = functools.partial(optim.apply_update, tx=tx, frozen=config.frozen,
                              stack_axis=RUNS_AXIS if config.num_runs and config.stop_together
-                             else None)
+                             else None, proceed=proceed)
   new_state, metrics["grad_norm"], metrics["finite"] = _per_run(config, update, 4, 4)(
       state, grads, hyper.lr_scale, metrics["loss"])
   metrics["student_accuracy"] = metrics.pop("student_correct") / jnp.maximum(metrics["masked"], 1)
@@ -265,13 +283,62 @@ def jit_steps(config: StepConfig, tx: optax.GradientTransformation, mesh: Mesh,
               state_shardings: PyTree, teacher_shardings: PyTree | None):
   """The train and eval steps compiled with their shardings; the train state is donated."""
   batch, replicated = sharding.batch_sharding(mesh), NamedSharding(mesh, P())
-  train = jax.jit(functools.partial(train_step, config=config, tx=tx, mesh=mesh),
-                  in_shardings=(state_shardings, teacher_shardings, batch, replicated),
-                  out_shardings=(state_shardings, replicated), donate_argnums=0)
+  train = optim.proceed_optional(jax.jit(
+      functools.partial(train_step, config=config, tx=tx, mesh=mesh),
+      in_shardings=(state_shardings, teacher_shardings, batch, replicated, replicated),
+      out_shardings=(state_shardings, replicated), donate_argnums=0), arity=4)
   evaluate = jax.jit(functools.partial(eval_step, config=config, mesh=mesh),
                      in_shardings=(state_shardings["params"], teacher_shardings, batch),
                      out_shardings=replicated)
   return train, evaluate
+
+
+def _param_shardings(config: StepConfig, mesh: Mesh, projection: PyTree | None) -> PyTree:
+  """The shardings of the trained parameters: the student's by the logical-axis rules, a
+  projection's replicated, stacked runs on a replicated leading axis."""
+  shardings = {"student": sharding.param_shardings(models.abstract_params(config.student), mesh)}
+  if projection is not None:
+    shardings["projection"] = sharding.follow_params(projection, {}, mesh)
+  return sharding.stacked(shardings) if config.num_runs else shardings
+
+
+def lower(config: StepConfig, tx: optax.GradientTransformation, mesh: Mesh, batch_size: int,
+          seq_len: int, projection: bool = False) -> dict[str, jax.stages.Lowered]:
+  """The train step, the eval step and the optimizer update alone (`optim.apply_update`, what
+  runs outside the micro-batch loop), lowered for `mesh` on the shapes of a global batch of
+  `batch_size` rows of `seq_len`: nothing is allocated, `.compile()` gives the real programs."""
+  student = nn.meta.unbox(models.abstract_params(config.student))
+  params = {"student": student}
+  if projection:
+    params["projection"] = jax.eval_shape(init_projection, config.student.hidden_size,
+                                          config.teacher.hidden_size)
+  if config.num_runs:
+    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct((config.num_runs, *x.shape), x.dtype),
+                          params)
+  state, state_shardings = optim.abstract_state(
+      params, tx, _param_shardings(config, mesh, params.get("projection")), mesh,
+      config.num_runs)
+  teacher = teacher_shardings = None
+  if config.teacher is not None:
+    teacher_shardings = sharding.param_shardings(models.abstract_params(config.teacher), mesh)
+    teacher = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                           nn.meta.unbox(models.abstract_params(config.teacher)),
+                           teacher_shardings)
+  replicated = NamedSharding(mesh, P())
+  scalar = lambda dtype: jax.ShapeDtypeStruct((config.num_runs,) if config.num_runs else (),
+                                              dtype, sharding=replicated)
+  hyper = Hyper(losses.LossWeights(*[scalar(jnp.float32)] * 5), scalar(jnp.float32),
+                scalar(jnp.int32))
+  batch = {k: jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32,
+                                   sharding=sharding.batch_sharding(mesh))
+           for k in ("input_ids", "attention_mask", "labels")}
+  proceed = jax.ShapeDtypeStruct((), jnp.bool_, sharding=replicated)
+  train, evaluate = jit_steps(config, tx, mesh, state_shardings, teacher_shardings)
+  update = functools.partial(optim.apply_update, tx=tx, frozen=config.frozen)
+  update = jax.jit(_per_run(config, update, 4, 4), donate_argnums=0)
+  return {"train": train.lower(state, teacher, batch, hyper, proceed),
+          "eval": evaluate.lower(state["params"], teacher, batch),
+          "update": update.lower(state, state["params"], hyper.lr_scale, scalar(jnp.float32))}
 
 
 def prepare(config: StepConfig, params: PyTree, teacher_params: PyTree | None,
@@ -284,12 +351,7 @@ def prepare(config: StepConfig, params: PyTree, teacher_params: PyTree | None,
   the teacher's outputs on a device's rows serve all runs. Returns (train state, teacher params
   on the mesh, jitted train step, jitted eval step).
   """
-  param_shardings = {"student": sharding.param_shardings(
-      models.abstract_params(config.student), mesh)}
-  if "projection" in params:
-    param_shardings["projection"] = sharding.follow_params(params["projection"], {}, mesh)
-  if config.num_runs:
-    param_shardings = sharding.stacked(param_shardings)
+  param_shardings = _param_shardings(config, mesh, params.get("projection"))
   state, state_shardings = optim.create_state(params, tx, param_shardings, mesh, config.num_runs)
   teacher, teacher_shardings = None, None
   if config.teacher is not None:

@@ -89,6 +89,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: epath.PathLike,
 def _finetune(config, workdir: epath.Path, allow_config_change: bool) -> dict[str, Any]:
   # ---------------------------------------------------------------- Config, model, data.
   hosts.decide(lambda: workdir_lib.check_workdir(config, workdir, allow_config_change))
+  workdir_lib.use_compilation_cache(workdir)
   if not config.init:
     raise errors.ConfigError("config.init is empty: give the model to fine-tune, a HuggingFace "
                              "directory or a distil_jax workdir (--config.init=DIR)")
@@ -112,8 +113,8 @@ def _finetune(config, workdir: epath.Path, allow_config_change: bool) -> dict[st
 
   # ---------------------------------------------------------------- Mesh, sharded state, steps.
   mesh = sharding.make_mesh(config.mesh_shape)
-  step_config = classify_step.ClassifyConfig(model=model_config, num_labels=task.num_labels,
-                                             stop_together=config.on_nonfinite == "stop")
+  step_config = classify_step.ClassifyConfig(
+      model=model_config, num_labels=task.num_labels, stop_together=config.on_nonfinite == "stop")
   tx, schedule = optim.make_optimizer(
       total_steps=total_steps, lr_peak=runs[0].lr_peak,
       warmup_steps=math.ceil(config.warmup_frac * total_steps), b1=config.b1, b2=config.b2,
@@ -142,13 +143,13 @@ def _finetune(config, workdir: epath.Path, allow_config_change: bool) -> dict[st
             for name, x in batch.items()}
 
   fit = loop.Task(
-      train_step=lambda state, batch: train_step(state, batch, hyper),
+      train_step=lambda state, batch, proceed: train_step(state, batch, hyper, proceed),
       batches=glue.TrainBatches(train_data, config.batch_size, [r.seed for r in runs],
                                 config.buckets),
       place=place,
       evaluate=lambda params: evaluate(predict, params, eval_data, task, config, mesh),
       schedule=schedule,
-      flops=lambda batch: perf.classify_step_flops(model_config, *batch["input_ids"].shape),
+      flops=lambda batch: perf.classify_step_flops(model_config, perf.batch_work(batch, False)),
       peak_flops=peak_flops, num_runs=len(runs))
   result = loop.train(
       fit, state,
@@ -196,7 +197,6 @@ def evaluate(predict, params, eval_data: dict[str, glue.Encoded], task: glue.Tas
 
 def main(argv: Sequence[str]) -> None:
   del argv
-  cli.start()
   if cli.WORKDIR.value is None or cli.CONFIG.value is None:
     raise app.UsageError("--config and --workdir are required, e.g. "
                          "--config=experiments/glue.py --workdir=DIR --config.init=HF_DIR")

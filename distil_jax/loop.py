@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -74,7 +75,9 @@ class Run:
 @dataclasses.dataclass(frozen=True)
 class Task:
   """What a training hands the loop."""
-  train_step: Callable[[PyTree, PyTree], tuple[PyTree, dict[str, jax.Array]]]  # (state, batch)
+  # (state, batch, proceed) -> (state, metrics): a step whose `proceed` (a device bool) is
+  # false applies nothing and leaves the state's step counter as it is.
+  train_step: Callable[[PyTree, PyTree, jax.Array], tuple[PyTree, dict[str, jax.Array]]]
   batches: DataIterator  # This process's rows of the train batches, on the host.
   place: Callable[[Batch], PyTree]  # A host batch -> the global batch on the mesh.
   evaluate: Callable[[PyTree], list[dict[str, float]]]  # Params -> each run's held-out metrics.
@@ -134,35 +137,56 @@ def _loop(task: Task, state: PyTree, runs: Sequence[Run], ckpts, take, writers, 
   elif first_step == steps:
     logging.info("The run is at its last step already.")
   tokens, flops, skipped = 0.0, 0.0, np.zeros(len(runs), int)
+  # With "stop", a step runs only if every step before it was finite: a device-side flag, so
+  # that the host reads a step's flag one step late, the next step already queued behind it.
+  proceed = jnp.asarray(True)
+  pending = None  # The last step whose flag is not read yet.
+
+  def check(pending: _Pending) -> None:
+    """Reads a step's flag: counts what was skipped, stops the run if it must."""
+    finite = np.asarray(jax.device_get(pending.metrics["finite"])).reshape(-1)
+    if finite.all():
+      return
+    nonlocal skipped
+    skipped = skipped + ~finite
+    why = _nonfinite(cadence, pending.step, pending.metrics, finite, runs, skipped)
+    if why:
+      _log(writers, runs, task, pending.step, pending.metrics, tokens, flops, skipped)
+      with metrics.paused(writers):
+        raise errors.Diverged(_stop(why, cadence, ckpts, take, state, pending.data_before,
+                                    task.batches.get_state()))
+
   with checkpoint.PreemptionWatcher() as watcher:
     for step in range(first_step + 1, steps + 1):
       before = task.batches.get_state()  # Where the data stand for a state saved at step - 1.
       batch = next(task.batches)
       flops += task.flops(batch)
-      state, step_metrics = task.train_step(state, task.place(batch))
+      state, step_metrics = task.train_step(state, task.place(batch), proceed)
+      if cadence.on_nonfinite == "stop":
+        proceed = proceed & jnp.all(step_metrics["finite"])
       tokens = tokens + step_metrics["tokens"]  # Stays on device until the next log.
       for ckpt in ckpts:
         ckpt.check()  # A failed asynchronous save stops the run now.
-      # Read every step (a few bytes): a non-finite update was not applied; say which part.
-      finite = np.asarray(jax.device_get(step_metrics["finite"])).reshape(-1)
-      stop = None
-      if not finite.all():
-        skipped += ~finite
-        stop = _nonfinite(cadence, step, step_metrics, finite, runs, skipped)
-      if step % cadence.log_every_steps == 0 or step == steps or stop:
+      if pending is not None:
+        check(pending)  # The step before: done, or nearly, with this one queued behind it.
+      pending = _Pending(step, step_metrics, before)
+      preempted = watcher.should_stop(step)
+      logs, evaluates = step % cadence.log_every_steps == 0, step % cadence.eval_every_steps == 0
+      if not (logs or evaluates or preempted or step == steps
+              or any(ckpt.due(step) for ckpt in ckpts)):
+        continue
+      check(pending)  # What is logged, evaluated or saved is known to be finite.
+      pending = None
+      if logs or step == steps:
         _log(writers, runs, task, step, step_metrics, tokens, flops, skipped)
         tokens, flops = 0.0, 0.0
       with metrics.paused(writers):
-        if stop:
-          raise errors.Diverged(_stop(stop, cadence, ckpts, take, state, step,
-                                      (before, task.batches.get_state())))
         eval_losses = [None] * len(runs)
-        if step % cadence.eval_every_steps == 0 or step == steps:
+        if evaluates or step == steps:
           eval_metrics = task.evaluate(state["params"])
           for writer, m in zip(writers, eval_metrics, strict=True):
             writer.eval(step, m)
           eval_losses = [m.get("eval_loss") for m in eval_metrics]
-        preempted = watcher.should_stop(step)
         force = step == steps or preempted
         if force or any(ckpt.due(step) for ckpt in ckpts):
           data_state = task.batches.get_state()
@@ -245,23 +269,31 @@ def _resume(ckpts: Sequence[checkpoint.Checkpointer], state: PyTree, task: Task,
   return first_step, state
 
 
-def _stop(why: str, cadence: Cadence, ckpts, take, state: PyTree, step: int,
-          data_states: tuple[dict[str, Any], dict[str, Any]]) -> str:
+@dataclasses.dataclass(frozen=True)
+class _Pending:
+  step: int
+  metrics: dict[str, jax.Array]
+  data_before: dict[str, Any]  # The data position before the step's batch.
+
+
+def _stop(why: str, cadence: Cadence, ckpts, take, state: PyTree,
+          data_before_failure: dict[str, Any], data_now: dict[str, Any]) -> str:
   """Saves what a stop for a non-finite step keeps; returns the whole message.
 
-  With "stop", no run's update of `step` was applied (a stack stops together): the state is the
-  last finite one, saved as checkpoint step - 1 with the data position before `step`'s batch
-  (`data_states[0]`), so that running again redoes `step` rather than walking past it. After too
-  many skipped steps, the state of `step` itself (its non-finite updates skipped) is saved as
-  checkpoint `step`, with the data position after its batch (`data_states[1]`)."""
+  With "stop", no update of the failing step or after it was applied (a stack stops together;
+  later steps do nothing): the state is the last finite one, saved as the checkpoint of the step
+  before the failing one, with the data position before the failing step's batch, so that
+  running again redoes that step rather than walking past it. After too many skipped steps, the
+  state as it is (its non-finite updates skipped) is saved, with the data position now."""
+  step = int(np.asarray(jax.device_get(state["step"])).reshape(-1)[0])
   if cadence.on_nonfinite == "skip":
     for i, ckpt in enumerate(ckpts):
-      ckpt.save(step, take(state, i), data_states[1], force=True)
+      ckpt.save(step, take(state, i), data_now, force=True)
       ckpt.wait()
     return (f"{why}; saved the state of step {step} (its non-finite updates skipped): lower the "
             "learning rate (run again with --allow_config_change to resume from there) or check "
             "the data")
-  last = step - 1
+  last = step - 1  # The failing step counted, and nothing after it.
   if last == 0:
     return (f"{why}; nothing to save at the first step: lower the learning rate and start "
             "again")
@@ -269,7 +301,7 @@ def _stop(why: str, cadence: Cadence, ckpts, take, state: PyTree, step: int,
   earlier = sorted(set.intersection(*(set(c.all_steps()) for c in ckpts)) - {last})
   last_state = {**state, "step": state["step"] - 1}
   for i, ckpt in enumerate(ckpts):
-    ckpt.save(last, take(last_state, i), data_states[0], force=True)
+    ckpt.save(last, take(last_state, i), data_before_failure, force=True)
     ckpt.wait()
   saved = (f"checkpoint {last} holds the last finite state" if had
            else f"saved the last finite state as checkpoint {last}")

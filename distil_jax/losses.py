@@ -3,8 +3,14 @@
 Pure functions of arrays, computed in float32 whatever the input dtype. Hyper-parameters may be
 Python floats or (traced) jax scalars, so the whole step can be vmapped over a sweep of them.
 Masks select the positions a loss averages over; selecting none gives 0, not NaN.
+
+The terms that read the logits (L_ce, L_mlm, L_mse, the accuracies) are sums over positions
+(`logit_sums`): given `LazyLogits` they are computed a chunk of positions at a time, each chunk's
+float32 logits recomputed in the backward pass, so that no [batch, positions, vocab] array of
+either model is ever stored whole.
 """
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -29,9 +35,15 @@ class LossWeights(NamedTuple):
 DEFAULT_WEIGHTS = LossWeights()
 
 
+class LazyLogits(NamedTuple):
+  """Logits not computed yet: `project(features[:, a:b])` gives those of positions a..b."""
+  features: jax.Array  # [batch, k, dim]: the MLM head's input to its vocabulary projection.
+  project: Callable[[jax.Array], jax.Array]  # [batch, n, dim] -> float32 [batch, n, vocab].
+
+
 class Outputs(NamedTuple):
   """What the losses need from one model's forward pass."""
-  logits: jax.Array  # [batch, k, vocab]: at all positions (k = seq) or at gathered ones.
+  logits: jax.Array | LazyLogits  # [batch, k, vocab]: at all positions (k = seq) or gathered.
   hidden: jax.Array | None = None  # [batch, seq, dim]: last hidden states.
 
 
@@ -48,19 +60,28 @@ def kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, mask: jax.Arra
   Equals `KLDivLoss(reduction="batchmean")(log_softmax(s / T), softmax(t / T)) * T**2` on the
   selected rows. The teacher side carries no gradient.
   """
+  return _masked_mean(_kd_terms(student_logits, teacher_logits, temperature), mask)
+
+
+def _kd_terms(student_logits: jax.Array, teacher_logits: jax.Array, temperature: ArrayLike
+              ) -> jax.Array:
+  """KL(softmax(t / T) || softmax(s / T)) * T² at each position."""
   student_logp = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature)
   teacher_logp = jax.nn.log_softmax(
       jax.lax.stop_gradient(teacher_logits).astype(jnp.float32) / temperature)
   kl = jnp.sum(jnp.exp(teacher_logp) * (teacher_logp - student_logp), axis=-1)
-  return _masked_mean(kl, mask) * temperature**2
+  return kl * temperature**2
 
 
 def mlm_loss(student_logits: jax.Array, labels: jax.Array) -> jax.Array:
   """Mean cross-entropy over the positions whose label is not `IGNORE_INDEX`."""
-  valid = labels != IGNORE_INDEX
-  nll = optax.softmax_cross_entropy_with_integer_labels(
-      student_logits.astype(jnp.float32), jnp.where(valid, labels, 0))
-  return _masked_mean(nll, valid)
+  return _masked_mean(_nll_terms(student_logits, labels), labels != IGNORE_INDEX)
+
+
+def _nll_terms(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Cross-entropy of the label at each position (of label 0 where there is none)."""
+  return optax.softmax_cross_entropy_with_integer_labels(
+      logits.astype(jnp.float32), jnp.where(labels != IGNORE_INDEX, labels, 0))
 
 
 def cosine_loss(student_hidden: jax.Array, teacher_hidden: jax.Array, mask: jax.Array,
@@ -86,9 +107,13 @@ def mse_loss(student_logits: jax.Array, teacher_logits: jax.Array, mask: jax.Arr
 
   Equals `MSELoss(reduction="sum")(s, t) / s.size(0)` on the selected rows.
   """
+  return _masked_mean(_mse_terms(student_logits, teacher_logits), mask)
+
+
+def _mse_terms(student_logits: jax.Array, teacher_logits: jax.Array) -> jax.Array:
   diff = student_logits.astype(jnp.float32) - jax.lax.stop_gradient(teacher_logits).astype(
       jnp.float32)
-  return _masked_mean(jnp.sum(diff * diff, axis=-1), mask)
+  return jnp.sum(diff * diff, axis=-1)
 
 
 def _top1_hits(logits: jax.Array, targets: jax.Array, mask: jax.Array
@@ -132,10 +157,55 @@ def classification_accuracy(logits: jax.Array, labels: jax.Array, weight: jax.Ar
   return hits / jnp.maximum(count, 1.0)
 
 
+def logit_sums(student_logits: jax.Array | LazyLogits,
+               teacher_logits: jax.Array | LazyLogits | None, labels: jax.Array,
+               mask: jax.Array, temperature: ArrayLike, with_mse: bool = True, chunk: int = 0
+               ) -> dict[str, jax.Array]:
+  """Sums over positions of the terms that read the logits: "mlm" (the labels' cross-entropy),
+  "student_correct" and "labeled" (top-1 hits, labels); with a teacher "ce" and "mse" (over the
+  positions where `mask` is true) and "teacher_correct".
+
+  Given `LazyLogits`, the logits are made `chunk` positions at a time (all at once for 0), each
+  chunk's recomputed in the backward pass rather than stored.
+  """
+  def sums(student, teacher, labels, mask):
+    labeled = labels != IGNORE_INDEX
+    total = lambda terms, where: jnp.sum(jnp.where(where, terms, 0.0))
+    out = {"mlm": total(_nll_terms(student, labels), labeled),
+           "student_correct": _top1_hits(student, labels, labeled)[0],
+           "labeled": jnp.sum(labeled).astype(jnp.float32)}
+    if teacher is not None:
+      out["ce"] = total(_kd_terms(student, teacher, temperature), mask)
+      out["teacher_correct"] = _top1_hits(teacher, labels, labeled)[0]
+      if with_mse:
+        out["mse"] = total(_mse_terms(student, teacher), mask)
+    return out
+
+  if not isinstance(student_logits, LazyLogits):
+    return sums(student_logits, teacher_logits, labels, mask.astype(bool))
+  lazy = [student_logits] + ([teacher_logits] if teacher_logits is not None else [])
+  k = labels.shape[1]
+  size = chunk or k
+  pad = -k % size
+  cut = lambda x, fill: jnp.moveaxis(jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2),
+                                             constant_values=fill).reshape(
+      x.shape[0], (k + pad) // size, size, *x.shape[2:]), 1, 0)
+
+  @jax.checkpoint
+  def chunk_sums(labels, mask, *features):
+    logits = [z.project(f) for z, f in zip(lazy, features, strict=True)]
+    return sums(logits[0], logits[1] if len(logits) > 1 else None, labels, mask)
+
+  chunks = jax.lax.map(lambda xs: chunk_sums(*xs), (
+      cut(labels, IGNORE_INDEX), cut(mask.astype(bool), False),
+      *(cut(z.features, 0) for z in lazy)))
+  return jax.tree.map(lambda x: jnp.sum(x, axis=0), chunks)
+
+
 def distillation_loss(student: Outputs, teacher: Outputs | None, labels: jax.Array,
                       logits_mask: jax.Array, hidden_mask: jax.Array,
-                      weights: LossWeights = DEFAULT_WEIGHTS, with_mse: bool = True
-                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
+                      weights: LossWeights = DEFAULT_WEIGHTS, with_mse: bool = True,
+                      chunk: int = 0) -> tuple[jax.Array, dict[str, jax.Array]]:
   """alpha_ce * L_ce + alpha_mlm * L_mlm + alpha_cos * L_cos + alpha_mse * L_mse, and its parts.
 
   Args:
@@ -150,22 +220,24 @@ def distillation_loss(student: Outputs, teacher: Outputs | None, labels: jax.Arr
     weights: temperature and alphas; leaves may be jax scalars.
     with_mse: False leaves L_mse out, neither computed nor in the metrics: for when alpha_mse is
       0 (as the original does), since a traced weight of 0 would not spare its work.
+    chunk: positions whose logits are made at a time, for `LazyLogits` (`logit_sums`).
 
   Returns:
-    (total, metrics) where metrics holds the total ("loss") and every part ("loss_ce", ...).
+    (total, metrics) where metrics holds the total ("loss"), every part ("loss_ce", ...), and
+    the counts of `logit_sums` ("student_correct", "teacher_correct", "labeled").
   """
-  l_mlm = mlm_loss(student.logits, labels)
-  if teacher is None:
-    total = weights.alpha_mlm * l_mlm
-    return total, {"loss": total, "loss_mlm": l_mlm}
-  parts = {
-      "loss_ce": kd_loss(student.logits, teacher.logits, logits_mask, weights.temperature),
-      "loss_mlm": l_mlm,
-      "loss_cos": cosine_loss(student.hidden, teacher.hidden, hidden_mask),
-  }
-  total = (weights.alpha_ce * parts["loss_ce"] + weights.alpha_mlm * parts["loss_mlm"]
-           + weights.alpha_cos * parts["loss_cos"])
-  if with_mse:
-    parts["loss_mse"] = mse_loss(student.logits, teacher.logits, logits_mask)
-    total = total + weights.alpha_mse * parts["loss_mse"]
-  return total, {"loss": total, **parts}
+  sums = logit_sums(student.logits, teacher.logits if teacher else None, labels, logits_mask,
+                    weights.temperature, with_mse and teacher is not None, chunk)
+  mean = lambda total, count: total / jnp.maximum(count, 1.0)
+  counts = {k: sums.pop(k) for k in ("student_correct", "teacher_correct", "labeled")
+            if k in sums}
+  parts = {"loss_mlm": mean(sums["mlm"], counts["labeled"])}
+  if teacher is not None:
+    positions = jnp.sum(logits_mask.astype(bool)).astype(jnp.float32)
+    parts["loss_ce"] = mean(sums["ce"], positions)
+    parts["loss_cos"] = cosine_loss(student.hidden, teacher.hidden, hidden_mask)
+    if with_mse:
+      parts["loss_mse"] = mean(sums["mse"], positions)
+  total = sum(getattr(weights, name.replace("loss", "alpha")) * value
+              for name, value in parts.items())
+  return total, {"loss": total, **parts, **counts}

@@ -1,11 +1,14 @@
 """The transformer encoder: BERT (teacher) and DistilBERT (student) from one Flax module.
 
 Both are post-LayerNorm encoders with exact (erf) GELU and a tied MLM head, as in HuggingFace.
-A config with `type_vocab_size=0` is a DistilBERT: no token-type embeddings. `Classifier` puts
-HuggingFace's sequence-classification head on the same encoder (BERT: pooler + classifier;
-DistilBERT: pre_classifier + classifier) instead of the MLM head. Every parameter carries
-logical axis names (`vocab`, `embed`, `mlp`, `heads`, `kv`) so that `distil_jax.sharding` maps
-them onto a device mesh by rules.
+A config with `type_vocab_size=0` is a DistilBERT: no token-type embeddings. The attention mask
+holds segment ids: 0 for padding, and tokens of equal non-zero ids attend to each other, their
+positions counted from 0 at each segment's first token; a 0/1 mask (one segment per row) is
+HuggingFace's padding mask. A packed row of several documents is thus the documents run apart.
+`Classifier` puts HuggingFace's sequence-classification head on the same encoder (BERT: pooler
++ classifier; DistilBERT: pre_classifier + classifier) instead of the MLM head. Every parameter
+carries logical axis names (`vocab`, `embed`, `mlp`, `heads`, `kv`) so that `distil_jax.sharding`
+maps them onto a device mesh by rules.
 """
 
 import dataclasses
@@ -69,13 +72,15 @@ PRESETS = {
                                            type_vocab_size=0),
 }
 
+
 # HuggingFace's `seq_classif_dropout` default: DistilBERT's classifier dropout (BERT's is the
 # hidden dropout).
 DISTILBERT_CLASSIFIER_DROPOUT = 0.2
 
 
 class EncoderOutput(NamedTuple):
-  """MLM logits ([batch, seq or k, vocab], float32) and the output of the embeddings and of
+  """MLM logits ([batch, seq or k, vocab], float32; or, not projected, the head's features
+  [batch, seq or k, hidden] that `mlm_logits` projects) and the output of the embeddings and of
   every layer ([batch, seq, hidden] each; `hidden_states[-1]` is the last layer's)."""
   logits: Array
   hidden_states: tuple[Array, ...]
@@ -123,9 +128,9 @@ class Embeddings(nn.Module):
     self.norm = _layer_norm(c, "norm")
     self.dropout = nn.Dropout(c.hidden_dropout)
 
-  def __call__(self, input_ids: Array, token_type_ids: Array | None, deterministic: bool):
-    x = self.word_embeddings(input_ids) + self.position_embeddings(
-        jnp.arange(input_ids.shape[-1]))
+  def __call__(self, input_ids: Array, token_type_ids: Array | None, positions: Array,
+               deterministic: bool):
+    x = self.word_embeddings(input_ids) + self.position_embeddings(positions)
     if not self.config.is_distilbert:
       if token_type_ids is None:
         token_type_ids = jnp.zeros_like(input_ids)
@@ -137,22 +142,61 @@ class Embeddings(nn.Module):
     return self.word_embeddings.attend(x)
 
 
+def segment_positions(segments: Array) -> Array:
+  """Each token's position in its segment: from 0 at each segment's first token (padding counts
+  on from the segment before it, as HuggingFace's positions do)."""
+  index = jnp.arange(segments.shape[-1])
+  first = jnp.concatenate([jnp.zeros_like(segments[:, :1], bool),
+                           (segments[:, 1:] != segments[:, :-1]) & (segments[:, 1:] > 0)], axis=1)
+  return index - jax.lax.cummax(jnp.where(first, index, 0), axis=1)
+
+
+def attention_keep(segments: Array) -> Array:
+  """[batch, 1, query, key]: a real query attends to the keys of its segment; padding queries
+  (whose outputs nobody reads) to every real key, as HuggingFace's."""
+  query, key = segments[:, :, None], segments[:, None, :]
+  return ((key > 0) & ((query == key) | (query == 0)))[:, None]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def softmax_kept_in(scores: Array, dtype) -> Array:
+  """Softmax of float32 `scores` over the last axis, computed in float32 and returned, and kept
+  for the backward pass, in `dtype`: in bfloat16 the attention probabilities, the largest
+  activations a step keeps, take half the memory and the bytes of float32's."""
+  return jax.nn.softmax(scores, axis=-1).astype(dtype)
+
+
+def _softmax_forward(scores: Array, dtype) -> tuple[Array, Array]:
+  probs = softmax_kept_in(scores, dtype)
+  return probs, probs
+
+
+def _softmax_backward(dtype, probs: Array, grad: Array) -> tuple[Array]:
+  del dtype
+  p, g = probs.astype(jnp.float32), grad.astype(jnp.float32)
+  return (p * (g - jnp.sum(g * p, axis=-1, keepdims=True)),)
+
+
+softmax_kept_in.defvjp(_softmax_forward, _softmax_backward)
+
+
 class SelfAttention(nn.Module):
-  """Multi-head self-attention with padding masked out; softmax in float32."""
+  """Multi-head self-attention within segments (`attention_keep`); scores and softmax in
+  float32, the probabilities kept in the compute dtype (`softmax_kept_in`)."""
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x: Array, attention_mask: Array, deterministic: bool) -> Array:
+  def __call__(self, x: Array, keep: Array, deterministic: bool) -> Array:
     c = self.config
     heads = (c.num_heads, c.head_dim)
     q, k, v = (_dense(c, heads, ("embed", "heads", "kv"), name)(x)
                for name in ("query", "key", "value"))
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / np.sqrt(c.head_dim)
-    keep = attention_mask[:, None, None, :].astype(bool)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k,
+                        preferred_element_type=jnp.float32) / np.sqrt(c.head_dim)
     scores = jnp.where(keep, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1)
+    probs = softmax_kept_in(scores, v.dtype)
     probs = nn.Dropout(c.attention_dropout)(probs, deterministic=deterministic)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
     return _dense(c, c.hidden_size, ("heads", "kv", "embed"), "out", axis=(-2, -1))(out)
 
 
@@ -161,11 +205,11 @@ class EncoderLayer(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x: Array, attention_mask: Array, deterministic: bool) -> Array:
+  def __call__(self, x: Array, keep: Array, deterministic: bool) -> Array:
     c = self.config
     dropout = lambda y: nn.Dropout(c.hidden_dropout)(y, deterministic=deterministic)
     x = _layer_norm(c, "attention_norm")(
-        x + dropout(SelfAttention(c, name="attention")(x, attention_mask, deterministic)))
+        x + dropout(SelfAttention(c, name="attention")(x, keep, deterministic)))
     h = _gelu(_dense(c, c.intermediate_size, ("embed", "mlp"), "fc1")(x))
     h = _dense(c, c.hidden_size, ("mlp", "embed"), "fc2")(h)
     return _layer_norm(c, "mlp_norm")(x + dropout(h))
@@ -176,13 +220,24 @@ class MlmHead(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x: Array, embeddings: Embeddings) -> Array:
+  def __call__(self, x: Array, embeddings: Embeddings, project: bool = True) -> Array:
     c = self.config
     # The transform is square; its output axis is named "mlp" so it shards like a hidden axis.
     x = _gelu(_dense(c, c.hidden_size, ("embed", "mlp"), "transform")(x))
     x = _layer_norm(c, "norm")(x)
     bias = self.param("bias", _zeros(("vocab",)), (c.vocab_size,), c.param_dtype)
+    if not project:
+      return x
     return embeddings.attend(x).astype(jnp.float32) + bias.astype(jnp.float32)
+
+
+def mlm_logits(config: ModelConfig, params: dict, features: Array) -> Array:
+  """The MLM head's vocabulary projection of `features` (an `Encoder(project=False)` output's
+  `logits`), as the head computes it: the tied word embeddings in the compute dtype, float32
+  logits plus the bias."""
+  embedding = params["embeddings"]["word_embeddings"]["embedding"].astype(config.dtype)
+  logits = jnp.dot(features.astype(config.dtype), embedding.T).astype(jnp.float32)
+  return logits + params["mlm_head"]["bias"].astype(jnp.float32)
 
 
 class Encoder(nn.Module):
@@ -204,25 +259,31 @@ class Encoder(nn.Module):
 
   def encode(self, input_ids: Array, attention_mask: Array, token_type_ids: Array | None = None,
              *, deterministic: bool = True) -> tuple[Array, ...]:
-    """The output of the embeddings and of every layer, without the MLM head."""
+    """The output of the embeddings and of every layer, without the MLM head.
+
+    `attention_mask` holds segment ids (module docstring)."""
     pin = lambda y: y if self.activation_sharding is None else jax.lax.with_sharding_constraint(
         y, self.activation_sharding)
-    x = pin(self.embeddings(input_ids, token_type_ids, deterministic))
+    x = pin(self.embeddings(input_ids, token_type_ids, segment_positions(attention_mask),
+                            deterministic))
+    keep = attention_keep(attention_mask)
     hidden_states = [x]
     for layer in self.layers:
-      x = pin(layer(x, attention_mask, deterministic))
+      x = pin(layer(x, keep, deterministic))
       hidden_states.append(x)
     return tuple(hidden_states)
 
   def __call__(self, input_ids: Array, attention_mask: Array, token_type_ids: Array | None = None,
-               *, logit_positions: Array | None = None, deterministic: bool = True
-               ) -> EncoderOutput:
+               *, logit_positions: Array | None = None, deterministic: bool = True,
+               project: bool = True) -> EncoderOutput:
+    """The MLM logits (at `logit_positions`, or everywhere) and the hidden states; without
+    `project`, the head's features in place of the logits (`mlm_logits` projects them)."""
     hidden_states = self.encode(input_ids, attention_mask, token_type_ids,
                                 deterministic=deterministic)
     x = hidden_states[-1]
     if logit_positions is not None:
       x = jnp.take_along_axis(x, logit_positions[..., None], axis=1)
-    return EncoderOutput(self.mlm_head(x, self.embeddings), hidden_states)
+    return EncoderOutput(self.mlm_head(x, self.embeddings, project), hidden_states)
 
 
 class ClassifierHead(nn.Module):

@@ -79,27 +79,41 @@ def create_state(params: PyTree, tx: optax.GradientTransformation, param_shardin
   runs axis (and `param_shardings` too), which the state then has in every leaf.
   Returns (state, its shardings).
   """
-  init = functools.partial(init_state, tx=tx)
-  if num_runs:
-    init = jax.vmap(init)
-  abstract = jax.eval_shape(init, params)
-  shardings = {"step": NamedSharding(mesh, P()), "params": param_shardings,
-               "opt_state": sharding.follow_params(abstract["opt_state"], param_shardings, mesh)}
+  init = _init(tx, num_runs)
+  _, shardings = abstract_state(params, tx, param_shardings, mesh, num_runs)
   state = jax.jit(init, out_shardings=shardings, donate_argnums=0)(
       sharding.put(params, param_shardings))
   return state, shardings
 
 
+def abstract_state(params: PyTree, tx: optax.GradientTransformation, param_shardings: PyTree,
+                   mesh: Mesh, num_runs: int = 0) -> tuple[PyTree, PyTree]:
+  """(the state of `params` (arrays or shapes) as shapes with their shardings, its shardings):
+  what `create_state` makes, without making it."""
+  abstract = jax.eval_shape(_init(tx, num_runs), params)
+  shardings = {"step": NamedSharding(mesh, P()), "params": param_shardings,
+               "opt_state": sharding.follow_params(abstract["opt_state"], param_shardings, mesh)}
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract,
+                      shardings), shardings
+
+
+def _init(tx: optax.GradientTransformation, num_runs: int):
+  init = functools.partial(init_state, tx=tx)
+  return jax.vmap(init) if num_runs else init
+
+
 def apply_update(state: PyTree, grads: PyTree, lr_scale: ArrayLike, loss: jax.Array, *,
                  tx: optax.GradientTransformation, frozen: Sequence[str] = (),
-                 stack_axis: str | None = None) -> tuple[PyTree, jax.Array, jax.Array]:
+                 stack_axis: str | None = None, proceed: ArrayLike = True
+                 ) -> tuple[PyTree, jax.Array, jax.Array]:
   """One optimizer update of one run's state, scaled by `lr_scale`; returns (new state, the
   gradient norm that clipping sees, whether the loss, gradient and result are finite).
 
   A non-finite loss, gradient or result is not applied: the parameters and optimizer state stay
   (the step counter moves on). Called under `vmap(..., axis_name=stack_axis)` over a stack of
   runs with `stack_axis`, no run's update is applied when any run's is not finite: the stack
-  stops as one, every run at the same last finite state.
+  stops as one, every run at the same last finite state. With `proceed` false (a step after a
+  non-finite one, when the run stops), nothing changes, not even the step counter.
   """
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   updates = jax.tree.map(lambda u: u * jnp.asarray(lr_scale, u.dtype), updates)
@@ -110,6 +124,19 @@ def apply_update(state: PyTree, grads: PyTree, lr_scale: ArrayLike, loss: jax.Ar
   applied = finite
   if stack_axis is not None:
     applied = jax.lax.psum((~finite).astype(jnp.int32), stack_axis) == 0
+  proceed = jnp.asarray(proceed, bool)
+  applied = applied & proceed
   keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(applied, a, b), new, old)
-  return ({"step": state["step"] + 1, "params": keep(params, state["params"]),
+  return ({"step": state["step"] + proceed.astype(state["step"].dtype),
+           "params": keep(params, state["params"]),
            "opt_state": keep(opt_state, state["opt_state"])}, grad_norm, finite)
+
+
+def proceed_optional(jitted, arity: int):
+  """A jitted step whose last argument is `proceed` (`apply_update`), callable without it (as
+  True) with its `arity` other arguments; `lower` still takes them all."""
+  @functools.wraps(jitted)
+  def step(*args):
+    return jitted(*args, *([] if len(args) > arity else [jnp.asarray(True)]))
+  step.lower = jitted.lower
+  return step

@@ -30,7 +30,7 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from distil_jax import checkpoint, cli, errors, train
+from distil_jax import checkpoint, cli, errors, tpu, train
 
 _SWEEP = flags.DEFINE_multi_string("sweep", [], "KEY=V1,V2,...: values of a config key; "
                                    "repeated flags form a grid.")
@@ -232,6 +232,23 @@ def shared_teacher(points: Sequence[Point], directory: epath.Path) -> None:
     p.config.teacher = str(teacher)
 
 
+def _train(points: Sequence[Point], directory: epath.Path, named: bool,
+           allow_config_change: bool) -> None:
+  """Trains `points` fused; a fused program the devices cannot hold is split in two, and so on.
+  A preemption raises errors.Preempted: running the command again resumes."""
+  try:
+    train.run([p.config for p in points], [directory / p.workdir for p in points],
+              [p.workdir for p in points] if named else None, allow_config_change)
+  except tpu.DoesNotFit as e:
+    if len(points) == 1:
+      raise
+    half = (len(points) + 1) // 2
+    logging.info("%d points fused do not fit (%s): split into groups of %d and %d.", len(points),
+                 e, half, len(points) - half)
+    for part in (points[:half], points[half:]):
+      _train(part, directory, named, allow_config_change)
+
+
 def sweep(base: ml_collections.ConfigDict, grid: list[dict[str, Any]], directory: epath.PathLike,
           mode: str = "fused", group: int | None = None, allow_config_change: bool = False
           ) -> None:
@@ -260,14 +277,11 @@ def sweep(base: ml_collections.ConfigDict, grid: list[dict[str, Any]], directory
     if not todo:
       logging.info("Group %d is finished.", index)
       continue
-    # A preemption raises errors.Preempted: running the command again resumes.
-    train.run([p.config for p in todo], [directory / p.workdir for p in todo],
-              [p.workdir for p in todo] if len(points) > 1 else None, allow_config_change)
+    _train(todo, directory, len(points) > 1, allow_config_change)
 
 
 def main(argv) -> None:
   del argv
-  cli.start()
   if cli.WORKDIR.value is None:
     raise app.UsageError("--workdir is required: the sweep's directory")
   base = cli.CONFIG.value

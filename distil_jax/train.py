@@ -39,6 +39,7 @@ from distil_jax import (
   stacked,
   storage,
   student,
+  tpu,
   validation,
 )
 from distil_jax import workdir as workdir_lib
@@ -62,14 +63,34 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   then its student and sequences against the teacher's shape (read from its config.json alone;
   an adapted teacher keeps the shape of the one it adapts, whose config is checked too)."""
   validation.check(config, validation.DISTILL_RULES)
-  adapt = config.adapt_teacher
-  name = adapt.teacher if adapt is not None else config.teacher
-  checkpoint_dir = resources.minilm_dir() if name == "minilm" else hf.resolve(name)
-  teacher = hf.read_config(checkpoint_dir)[0]
+  teacher = teacher_shape(config)
   validation.check(config, validation.teacher_rules(teacher.num_layers, teacher.max_positions,
                                                     config.mode))
-  if adapt is not None:
-    check_config(adapt)
+  if config.adapt_teacher is not None:
+    check_config(config.adapt_teacher)
+
+
+def teacher_shape(config: ml_collections.ConfigDict) -> models.ModelConfig:
+  """The teacher's config as its checkpoint's config.json gives it, or as `models.PRESETS`
+  knows it (a hub name, here without downloading anything)."""
+  adapt = config.adapt_teacher
+  name = adapt.teacher if adapt is not None else config.teacher
+  if name in models.PRESETS and not epath.Path(name).exists():
+    return models.PRESETS[name]
+  return hf.read_config(teacher_checkpoint(config))[0]
+
+
+def teacher_checkpoint(config: ml_collections.ConfigDict) -> epath.Path:
+  """The HF directory the teacher's weights come from, before any adaptation (which keeps its
+  shape and tokenizer)."""
+  adapt = config.adapt_teacher
+  name = adapt.teacher if adapt is not None else config.teacher
+  return resources.minilm_dir() if name == "minilm" else hf.resolve(name)
+
+
+def tokenizer_directory(config: ml_collections.ConfigDict) -> epath.Path:
+  """The HF directory of the tokenizer: config.tokenizer, or the teacher's."""
+  return epath.Path(config.tokenizer) if config.tokenizer else teacher_checkpoint(config)
 
 
 def teacher_directory(config: ml_collections.ConfigDict, workdir: epath.Path) -> epath.Path:
@@ -84,6 +105,18 @@ def teacher_directory(config: ml_collections.ConfigDict, workdir: epath.Path) ->
   return resources.minilm_dir() if config.teacher == "minilm" else hf.resolve(config.teacher)
 
 
+def model_configs(config: ml_collections.ConfigDict, teacher: models.ModelConfig
+                  ) -> tuple[models.ModelConfig, models.ModelConfig | None]:
+  """(the trained model's config, the teacher's or None for an MLM-only run), from the config of
+  the teacher's checkpoint (`hf.read_config`): the shapes and dtypes `load_models` gives."""
+  teacher = dataclasses.replace(teacher, dtype=config.dtype)
+  if config.mode == "mlm":
+    return teacher, None
+  layers = len(config.student.layers) or config.student.num_layers
+  return (dataclasses.replace(teacher, num_layers=layers, type_vocab_size=0),
+          dataclasses.replace(teacher, param_dtype=config.teacher_param_dtype))
+
+
 def load_models(configs: Sequence[ml_collections.ConfigDict], teacher_dir: epath.Path):
   """(model config, initial params of each run, teacher config or None, teacher params or None).
 
@@ -94,21 +127,15 @@ def load_models(configs: Sequence[ml_collections.ConfigDict], teacher_dir: epath
   for c in configs:
     if c.seed not in loaded:
       loaded[c.seed] = hf.load_bert(teacher_dir, seed=c.seed)
-  teacher_config, teacher_params = loaded[config.seed]
-  teacher_config = dataclasses.replace(teacher_config, dtype=config.dtype)
+  checkpoint_config, teacher_params = loaded[config.seed]
+  model_config, teacher_config = model_configs(config, checkpoint_config)
   if config.mode == "mlm":
-    return teacher_config, [loaded[c.seed][1] for c in configs], None, None
-  students = [_student(c, teacher_config, teacher_params) for c in configs]
-  student_config = students[0][0]
-  teacher_config = dataclasses.replace(teacher_config, param_dtype=config.teacher_param_dtype)
+    return model_config, [loaded[c.seed][1] for c in configs], None, None
+  students = [_student(c, dataclasses.replace(checkpoint_config, dtype=config.dtype),
+                       teacher_params) for c in configs]
   teacher_params = jax.tree.map(lambda x: np.asarray(x, teacher_config.param_dtype),
                                 teacher_params)
-  if (student_config.hidden_size != teacher_config.hidden_size and config.distill.alpha_cos
-      and not config.distill.project_student_hidden):
-    raise errors.ConfigError(f"student hidden size {student_config.hidden_size} differs from the "
-                             f"teacher's {teacher_config.hidden_size}: set "
-                             "distill.project_student_hidden=True or distill.alpha_cos=0")
-  return student_config, [params for _, params in students], teacher_config, teacher_params
+  return model_config, [params for _, params in students], teacher_config, teacher_params
 
 
 def _student(config: ml_collections.ConfigDict, teacher_config: models.ModelConfig,
@@ -121,6 +148,73 @@ def _student(config: ml_collections.ConfigDict, teacher_config: models.ModelConf
   if config.student.init == "random":
     params = jax.tree.map(np.asarray, models.init_params(student_config, config.seed))
   return student_config, params
+
+
+def step_config(configs: Sequence[ml_collections.ConfigDict], model: models.ModelConfig,
+                teacher: models.ModelConfig | None,
+                accum_steps: int | None = None) -> distill_step.StepConfig:
+  """What the step of the runs `configs` (fused when several) computes."""
+  config = configs[0]
+  return distill_step.StepConfig(
+      student=model, teacher=teacher, restrict_ce_to_mask=config.distill.restrict_ce_to_mask,
+      gather_logits=config.distill.gather_logits,
+      max_predictions=config.distill.max_predictions or distill_step.max_predictions(
+          config.data.max_len, config.data.mask_prob),
+      accum_steps=accum_steps or config.accum_steps, frozen=tuple(config.optim.frozen),
+      num_runs=len(configs) if len(configs) > 1 else 0,
+      mse=any(c.distill.alpha_mse for c in configs),
+      stop_together=config.on_nonfinite == "stop", logit_chunk=config.distill.logit_chunk)
+
+
+def lowered(configs: Sequence[ml_collections.ConfigDict], model: models.ModelConfig,
+            teacher: models.ModelConfig | None, mesh: jax.sharding.Mesh,
+            steps: int, accum_steps: int | None = None) -> dict[str, jax.stages.Lowered]:
+  """The train step, eval step and update of `configs` lowered for `mesh`, on shapes alone
+  (`distill_step.lower`)."""
+  config = configs[0]
+  tx, _ = optimizer(config, steps)
+  return distill_step.lower(step_config(configs, model, teacher, accum_steps), tx, mesh,
+                            config.data.batch_size, config.data.max_len,
+                            projection=bool(config.distill.project_student_hidden and teacher))
+
+
+def check_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+  """Refuses a batch that the micro-batches and the data-parallel devices do not divide."""
+  devices = mesh.shape["data"] * mesh.shape["fsdp"]
+  if config.data.batch_size % (config.accum_steps * devices):
+    raise errors.ConfigError(
+        f"data.batch_size={config.data.batch_size} must be a multiple of accum_steps="
+        f"{config.accum_steps} times the data-parallel devices ({devices}): change one of them")
+
+
+def check_fit(configs: Sequence[ml_collections.ConfigDict], model: models.ModelConfig,
+              teacher: models.ModelConfig | None, mesh: jax.sharding.Mesh,
+              steps: int, compile_fn) -> jax.stages.Compiled:
+  """The train step of `configs` compiled for `mesh` (by `compile_fn`, `tpu.compile` for a
+  slice or this machine's devices). A program whose buffers the devices cannot hold raises
+  `tpu.DoesNotFit`: for a fused group at once (`sweep` splits it), for one run naming the
+  smallest accum_steps that fits, found by compiling with more micro-batches."""
+  try:
+    return compile_fn(lowered(configs, model, teacher, mesh, steps)["train"])
+  except tpu.DoesNotFit as e:
+    if len(configs) > 1:
+      raise
+    failure = e
+  config = configs[0]
+  rows = config.data.batch_size // (mesh.shape["data"] * mesh.shape["fsdp"])
+  accum = config.accum_steps * 2
+  while rows % accum == 0:
+    try:
+      compile_fn(lowered(configs, model, teacher, mesh, steps, accum)["train"])
+    except tpu.DoesNotFit:
+      accum *= 2
+      continue
+    raise tpu.DoesNotFit(failure.slice_name, failure.compiler_message,
+                         f"--config.accum_steps={accum} fits (micro-batches of {rows // accum} "
+                         "rows per device)")
+  raise tpu.DoesNotFit(failure.slice_name, failure.compiler_message,
+                       "not even micro-batches of one row per device fit: use more devices, or "
+                       "a smaller model or max_len")
 
 
 def loss_weights(config: ml_collections.ConfigDict) -> losses.LossWeights:
@@ -183,10 +277,11 @@ def _train(configs, workdirs, names, allow_config_change, resume_step) -> list[d
   config, num_runs = configs[0], len(configs)
   for c, w in zip(configs, workdirs, strict=True):
     hosts.decide(lambda c=c, w=w: workdir_lib.check_workdir(c, w, allow_config_change))
+  workdir_lib.use_compilation_cache(workdirs[0])
 
   # ---------------------------------------------------------------- Teacher, models to train.
   teacher_dir = teacher_directory(config, workdirs[0])
-  tokenizer_dir = epath.Path(config.tokenizer) if config.tokenizer else teacher_dir
+  tokenizer_dir = tokenizer_directory(config)
   model_config, params, teacher_config, teacher_params = load_models(configs, teacher_dir)
   for w in workdirs:
     hosts.decide(lambda w=w: workdir_lib.check_model(w, model_config))
@@ -195,6 +290,16 @@ def _train(configs, workdirs, names, allow_config_change, resume_step) -> list[d
                f" x {num_runs} runs fused" if num_runs > 1 else "",
                f"{models.count_params(model_config):,}",
                f"{models.count_params(teacher_config):,}" if teacher_config else "none")
+
+  # ---------------------------------------------------------------- Mesh, the step's fit.
+  mesh = sharding.make_mesh(config.mesh_shape)
+  check_batch(config, mesh)
+  # Before any data: a program the devices cannot hold stops here, naming what fits. With
+  # epochs, the steps are not known yet: the schedule's length does not change the program's
+  # size, but the step is compiled again once they are.
+  check_fit(configs, model_config, teacher_config, mesh,
+            config.total_steps if not config.epochs else 1,
+            compile_fn=lambda program: tpu.compile(program, jax.devices()[0].device_kind))
 
   # ---------------------------------------------------------------- Data.
   peak_flops = perf.peak_flops_per_device()  # Measured on CPU: before the loader's threads run.
@@ -216,22 +321,8 @@ def _train(configs, workdirs, names, allow_config_change, resume_step) -> list[d
       p["mlm_head"]["bias"] = data.label_log_prior(datasets.token_counts,
                                                    config.data.mlm_smoothing)
 
-  # ---------------------------------------------------------------- Mesh, sharded state, steps.
-  mesh = sharding.make_mesh(config.mesh_shape)
-  if config.data.batch_size % (config.accum_steps * mesh.shape["data"] * mesh.shape["fsdp"]):
-    raise errors.ConfigError(
-        f"data.batch_size={config.data.batch_size} must be a multiple of accum_steps="
-        f"{config.accum_steps} times the data-parallel devices "
-        f"({mesh.shape['data'] * mesh.shape['fsdp']}): change one of them")
-  step_config = distill_step.StepConfig(
-      student=model_config, teacher=teacher_config,
-      restrict_ce_to_mask=config.distill.restrict_ce_to_mask,
-      gather_logits=config.distill.gather_logits,
-      max_predictions=config.distill.max_predictions or distill_step.max_predictions(
-          config.data.max_len, config.data.mask_prob),
-      accum_steps=config.accum_steps, frozen=tuple(config.optim.frozen),
-      num_runs=num_runs if num_runs > 1 else 0,
-      mse=any(c.distill.alpha_mse for c in configs), stop_together=config.on_nonfinite == "stop")
+  # ---------------------------------------------------------------- Sharded state, steps.
+  step = step_config(configs, model_config, teacher_config)
   params = [{"student": p} for p in params]
   if config.distill.project_student_hidden and teacher_config:
     for p, c in zip(params, configs, strict=True):
@@ -240,8 +331,7 @@ def _train(configs, workdirs, names, allow_config_change, resume_step) -> list[d
   tx, schedule = optimizer(config, steps)
   hypers = [hyper(c, config.optim.lr_peak) for c in configs]
   state, teacher, train_step, eval_step = distill_step.prepare(
-      step_config, stacked.stack(params) if num_runs > 1 else params[0], teacher_params, tx,
-      mesh)
+      step, stacked.stack(params) if num_runs > 1 else params[0], teacher_params, tx, mesh)
   run_hyper = stacked.stack(hypers) if num_runs > 1 else hypers[0]
   del params, teacher_params
   batch_sharding = sharding.batch_sharding(mesh)
@@ -253,15 +343,15 @@ def _train(configs, workdirs, names, allow_config_change, resume_step) -> list[d
   place = lambda batch: data.global_batch(batch, batch_sharding)
   eval_batches = datasets.eval[:config.eval_batches or None]
   task = loop.Task(
-      train_step=lambda state, batch: train_step(state, teacher, batch, run_hyper),
+      train_step=lambda state, batch, proceed: train_step(state, teacher, batch, run_hyper,
+                                                          proceed),
       batches=datasets.train, place=place,
       evaluate=lambda params: distill_step.evaluate(eval_step, params, teacher,
-                                                    map(place, eval_batches),
-                                                    step_config.num_runs),
+                                                    map(place, eval_batches), step.num_runs),
       schedule=schedule,
-      flops=lambda batch: perf.train_step_flops(step_config, config.data.batch_size,
-                                                batch["input_ids"].shape[-1]),
-      peak_flops=peak_flops, num_runs=step_config.num_runs)
+      flops=lambda batch: jax.process_count() * perf.train_step_flops(  # Real tokens only.
+          step, perf.batch_work(batch, perf.logits_at_masked(step))),
+      peak_flops=peak_flops, num_runs=step.num_runs)
   quiet = lambda c: tuple(f"loss_{part}" for part in ("ce", "mlm", "cos", "mse")
                           if not c.distill[f"alpha_{part}"])
   runs = [loop.Run(name, w, c.optim.lr_peak / config.optim.lr_peak, quiet(c))

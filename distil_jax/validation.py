@@ -97,19 +97,22 @@ def _mesh(shape: Sequence[int]) -> bool:
           and list(shape).count(-1) <= 1)
 
 
-_SOURCE = re.compile(r"^(wiki_offline|(text|jsonl|tfds):.+)$")
+_SOURCE = re.compile(r"^(wiki_offline|(text|jsonl|parquet|tfds):.+)$")
 
 # The rules of a data config (`data.default_data_config()`'s keys): a run's config.data, and
 # the evaluation's.
 DATA_RULES = (
-    Rule(("sources",), "a non-empty tuple of 'wiki_offline', 'text:GLOB', 'jsonl:GLOB' or "
-         "'tfds:NAME'", lambda v: len(v) > 0 and all(_SOURCE.match(s) for s in v)),
+    Rule(("sources",), "a non-empty tuple of 'wiki_offline', 'text:GLOB', 'jsonl:GLOB', "
+         "'parquet:GLOB' or 'tfds:NAME'",
+         lambda v: len(v) > 0 and all(_SOURCE.match(s) for s in v)),
     integer("max_len", 3),
     integer("min_len", 3),
     Rule(("min_len", "max_len"), "min_len <= max_len", lambda low, high: low <= high),
     Rule(("bucket", "max_len"), "bucket lengths ascending, each in [3, max_len)",
          lambda bucket, high: all(_integer(b) and b >= 3 for b in bucket)
          and list(bucket) == sorted(set(bucket)) and all(b < high for b in bucket)),
+    Rule(("bucket", "pack"), "no buckets with packed rows (they are full)",
+         lambda bucket, pack: not (bucket and pack)),
     integer("batch_size", 1),
     integer("eval_batch_size", 0),
     number("mask_prob", 0, 1, low_open=True),
@@ -154,6 +157,7 @@ DISTILL_RULES = (
     Rule(("distill.alpha_ce", "distill.alpha_mlm", "distill.alpha_cos", "distill.alpha_mse"),
          "not all 0 (the loss would be 0)", lambda *alphas: any(alphas)),
     integer("distill.max_predictions", 0),
+    integer("distill.logit_chunk", 0),
     number("optim.lr_peak", 0, low_open=True),
     number("optim.warmup_frac", 0, 1),
     number("optim.b1", 0, 1, high_open=True),

@@ -2,9 +2,10 @@
 
 A workdir holds (besides `checkpoints/`, `distil_jax.checkpoint`'s)::
 
-  config.json   the resolved config (`write_config`, `read_config`, `saved_config`)
-  model.json    the trained model's config and tokenizer, and extra facts (`write_model`)
-  lock.json     while a run holds it (`locked`), with a heartbeat renewed on a timer
+  config.json         the resolved config (`write_config`, `read_config`, `saved_config`)
+  model.json          the trained model's config and tokenizer, and extra facts (`write_model`)
+  lock.json           while a run holds it (`locked`), with a heartbeat renewed on a timer
+  compilation_cache/  the compiled steps (`use_compilation_cache`): a restart compiles nothing
 
 Resuming with a config that changes the run's trajectory, or a model of another shape, is refused
 (`check_workdir`, `check_model`).
@@ -116,6 +117,14 @@ def model_directory(name: epath.PathLike) -> epath.Path:
     raise errors.MissingInput(f"{path} is a workdir without an export: run "
                               f"`python -m distil_jax.export --workdir={path} --out=DIR` first")
   return hf.resolve(name)
+
+
+def use_compilation_cache(workdir: epath.Path) -> None:
+  """Keeps the compiled programs in WORKDIR/compilation_cache (JAX's persistent cache), so that a
+  restarted run does not compile them again; a cache set already (JAX_COMPILATION_CACHE_DIR)
+  is left as it is."""
+  if jax.config.jax_compilation_cache_dir is None:
+    jax.config.update("jax_compilation_cache_dir", str(workdir / "compilation_cache"))
 
 
 def config_changes(saved: dict[str, Any], config: ml_collections.ConfigDict) -> list[str]:

@@ -42,6 +42,10 @@ def get_config() -> config_dict.ConfigDict:
   config.distill.project_student_hidden = False  # Learn student->teacher hidden map for L_cos.
   config.distill.gather_logits = True  # Vocabulary projection only where losses need logits.
   config.distill.max_predictions = 0  # Masked positions kept per sequence; 0: from mask_prob.
+  # Positions whose logits (student's and teacher's) are made at a time in the losses, each
+  # chunk's recomputed in the backward pass: no [rows, positions, vocab] float32 array stored
+  # whole. 0: every position at once.
+  config.distill.logit_chunk = 0
 
   config.optim = config_dict.ConfigDict()
   config.optim.lr_peak = 5e-4

@@ -47,6 +47,11 @@ def read_plan(text: str, source: str) -> list[tuple[int, list[dict]]]:
   return sorted(groups, key=lambda group: group[0])
 
 
+def _flag_value(value) -> str:
+  """A sweep value as a --config.KEY=VALUE flag writes it (a JSON list is a tuple)."""
+  return repr(tuple(value)) if isinstance(value, list) else str(value)
+
+
 def plan(args: argparse.Namespace, overrides: Sequence[str]) -> list[tuple[int, list[dict]]]:
   """The sweep's groups: from --plan-json, or from `distil_jax.sweep --plan` run here."""
   if args.plan_json:
@@ -78,6 +83,9 @@ def main(argv: Sequence[str]) -> None:
   groups = plan(args, overrides)
   jobs = []
   for group, points in groups:
+    # The group's program: its first point's shapes (the others differ only in what fuses).
+    tpu_vm.check_fit(args, [*overrides, *(f"--config.{key}={_flag_value(value)}" for key, value
+                                          in points[0]["overrides"].items())], len(points))
     tpu = gcloud.Tpu(f"{args.name_prefix}-g{group}", args.zone, args.project)
     print(f"# {tpu.name} runs group {group}: "
           + " ".join(str(point.get("workdir")) for point in points))

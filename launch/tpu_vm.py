@@ -10,8 +10,10 @@ after a preemption) and waits until it is ACTIVE; copies this checkout's HEAD (`
 uncommitted changes are not copied) or clones --repo on every worker and installs it in
 ~/distil_jax/.venv; starts `distil_jax.main --distributed` on every worker (JAX's multi-host
 runtime) in the background; prints how to follow the log and how to delete the VM. Running the
-same command again resumes the run from its gs:// workdir. --dry-run prints the commands
-(assuming the queued resource does not exist yet) and runs none of them.
+same command again resumes the run from its gs:// workdir. Before anything, the experiment's
+step is compiled here for the accelerator (`distil_jax.compile`, with libtpu): a program that
+does not fit is refused. --dry-run prints the commands (assuming the queued resource does not
+exist yet) and runs none of them but that check.
 """
 
 import argparse
@@ -46,7 +48,9 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--poll-seconds", type=float, default=30,
                       help="seconds between checks that the queued resource is ACTIVE")
   parser.add_argument("--dry-run", action="store_true",
-                      help="print the commands, run nothing")
+                      help="print the commands, run nothing (but the fit check)")
+  parser.add_argument("--no-fit-check", dest="fit_check", action="store_false",
+                      help="skip compiling the program for the accelerator before creating it")
 
 
 def parse(parser: argparse.ArgumentParser, argv: Sequence[str]
@@ -128,6 +132,22 @@ def print_afterwards(tpus: Sequence[gcloud.Tpu]) -> None:
           f"#   {gcloud.join(gcloud.delete(tpu))}")
 
 
+def check_fit(args: argparse.Namespace, overrides: Sequence[str], runs: int = 1) -> None:
+  """Compiles the experiment's step for the accelerator here (`distil_jax.compile`, libtpu),
+  dry run or not: a program the slice cannot hold is refused before any VM is created."""
+  if not args.fit_check:
+    return
+  command = [sys.executable, "-m", "distil_jax.compile", f"--config={args.experiment}",
+             f"--slice={args.accelerator}", f"--runs={runs}", *overrides]
+  print(f"# fit check: {gcloud.join(command)}", flush=True)
+  result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, check=False)
+  if result.returncode:
+    last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+    raise gcloud.LaunchError(f"{last.removeprefix('FATAL ')} (no VM was created; "
+                             "--no-fit-check skips this check)")
+  print(result.stdout.strip(), flush=True)
+
+
 def launch(jobs: Sequence[tuple[gcloud.Tpu, str, list[str]]], args: argparse.Namespace,
            tarball_name: str) -> None:
   """Runs each job `(tpu, module, flags)`: creates every VM first (they queue together), then
@@ -158,6 +178,7 @@ def main(argv: Sequence[str]) -> None:
     gcloud.run(gcloud.delete(tpu), args.dry_run)
     return
   check_run_flags(args)
+  check_fit(args, overrides)
   flags = [f"--config={args.experiment}", f"--workdir={args.workdir}", *overrides]
   launch([(tpu, "distil_jax.main", flags)], args, tpu.name)
 

@@ -35,7 +35,7 @@ def random_batch(batch_size: int, seed: int = 0, mask_every: int = 4) -> dict:
 def setup(teacher_config=TEACHER, student_layers=(0, 3), *, with_teacher=True, project=False,
           frozen=(), lr=1e-2, sgd=False, accum_steps=1, restrict_ce_to_mask=False,
           gather_logits=True, weight_decay=0.0, mesh=None, seed=0, num_runs=0, dropout=0.0,
-          mse=True):
+          mse=True, logit_chunk=0):
   """Teacher, student, optimizer (AdamW, or SGD with `sgd`), sharded state and compiled steps on
   `mesh` (one device by default); with `num_runs`, that many copies of the student stacked.
   `dropout` is the hidden and attention dropout of both models (the step must keep the teacher
@@ -56,7 +56,8 @@ def setup(teacher_config=TEACHER, student_layers=(0, 3), *, with_teacher=True, p
                                    teacher=teacher_config if with_teacher else None,
                                    restrict_ce_to_mask=restrict_ce_to_mask,
                                    gather_logits=gather_logits, max_predictions=6,
-                                   accum_steps=accum_steps, num_runs=num_runs, mse=mse)
+                                   accum_steps=accum_steps, num_runs=num_runs, mse=mse,
+                                   logit_chunk=logit_chunk)
   tx = optax.sgd(lr) if sgd else optim.make_optimizer(
       total_steps=200, lr_peak=lr, warmup_steps=0, frozen=frozen, weight_decay=weight_decay)[0]
   params = {"student": student_params}

@@ -2,6 +2,9 @@
 the groups. In this process: the flags are parsed as the commands parse them."""
 
 import json
+import os
+import pathlib
+import subprocess
 import sys
 
 import pytest
@@ -72,3 +75,14 @@ def test_every_point_of_a_sweep_is_checked_before_any_is_trained(tmp_path, bert_
                                              r"optim.lr_peak=-1.0: it must be a number in \(0, "):
     sweep.sweep(base, grid, tmp_path / "sweep")
   assert not (tmp_path / "sweep").exists()
+
+
+def test_every_command_imports_beside_the_others():
+  # A flag that two commands define alike (absl's DuplicateFlagError) breaks importing both, as
+  # the Python API and the test workers do.
+  commands = [p.stem for p in pathlib.Path(cli.__file__).parent.glob("*.py")
+              if "cli.run(main)" in p.read_text()]
+  assert {"main", "sweep", "compile", "prepare", "evaluate", "export"} <= set(commands)
+  code = "; ".join(f"import distil_jax.{name}" for name in commands)
+  subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
+                 env={**os.environ, "JAX_PLATFORMS": "cpu"})

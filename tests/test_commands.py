@@ -3,6 +3,8 @@ the house is layered."""
 
 import ast
 import importlib.metadata
+import importlib.util
+import os
 import re
 import subprocess
 import sys
@@ -10,7 +12,8 @@ import tomllib
 
 from tests import runs
 
-COMMANDS = ("main", "sweep", "export", "evaluate", "report", "count_params", "finetune")
+COMMANDS = ("main", "sweep", "export", "evaluate", "report", "count_params", "finetune",
+            "prepare")
 
 
 def test_all_commands_import_together():
@@ -52,7 +55,7 @@ def test_the_house_is_layered():
   steps know no loop, task or workdir; only the tasks use the loop."""
   modules = [p.stem for p in (runs.ROOT / "distil_jax").glob("*.py") if p.stem != "__init__"]
   imports = {m: _imports(m) for m in modules}
-  commands = {"main", "sweep", "report", "evaluate", "export", "count_params", "finetune"}
+  commands = set(COMMANDS)
   for module, names in imports.items():
     assert not names & (commands - {module}), module
   assert "models" not in imports["losses"]
@@ -64,3 +67,14 @@ def test_the_house_is_layered():
   for step in ("optim", "distill_step", "classify_step"):
     assert not imports[step] & {"loop", "train", "workdir", "checkpoint", "data"}, step
   assert {m for m, names in imports.items() if "loop" in names} == {"train", "finetune"}
+
+
+def test_a_command_on_a_machine_without_a_tpu_starts_quietly_with_libtpu_installed():
+  """libtpu (requirements-dev.txt) would make JAX probe for a TPU at start-up: 0.15 s and five
+  lines of libtpu's complaints; a command keeps JAX on the CPU where no TPU device exists."""
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  process = subprocess.run([sys.executable, "-m", "distil_jax.count_params", "bert-base-uncased"],
+                           cwd=runs.ROOT, env=env, capture_output=True, text=True, timeout=120)
+  assert process.returncode == 0 and "66,985,530" in process.stdout, process.stderr
+  assert importlib.util.find_spec("libtpu") is not None  # What makes the check meaningful here.
+  assert "TPU" not in process.stderr and "libtpu" not in process.stderr, process.stderr

@@ -1,11 +1,13 @@
-"""Text sources prepared as TFDS array_record datasets and read back; bad input errors."""
+"""Text sources cut into units and read back: every document once, in order; bad input errors."""
 
 import json
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import tensorflow_datasets as tfds
 
-from distil_jax.data import open_documents
+from distil_jax.data import sources
 
 
 class FakeWiki(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -25,49 +27,65 @@ class FakeWiki(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       yield i, {"title": f"T{i}", "text": f"article {i}"}
 
 
-def _texts(documents) -> list[str]:
-  return sorted(documents.texts(0, len(documents)))
+def _documents(source: str, tfds_data_dir=None) -> list[str]:
+  return [text for unit in sources.plan(0, source, tfds_data_dir).units
+          for text in sources.read(unit)]
 
 
-def test_text_files_round_trip(tmp_path):
-  (tmp_path / "a.txt").write_text("first line\n\n  second line \n")
-  (tmp_path / "b.txt").write_text("third line\n")
-  documents = open_documents(f"text:{tmp_path}/*.txt", tmp_path / "data", None)
-  assert _texts(documents) == ["first line", "second line", "third line"]
-  again = open_documents(f"text:{tmp_path}/*.txt", tmp_path / "data", None)
-  assert again.fingerprint == documents.fingerprint
-  assert len(list((tmp_path / "data" / "text_corpus").glob("*/1.0.0"))) == 1  # Prepared once.
+def test_text_files_in_units_of_bytes_give_every_line_once_in_order(tmp_path, monkeypatch):
+  lines = [f"line {i} " + "x" * (i % 7) for i in range(200)]
+  (tmp_path / "a.txt").write_text("\n".join(lines[:150]) + "\n\n  \n")
+  (tmp_path / "b.txt").write_text("\n".join(lines[150:]))  # No final newline.
+  monkeypatch.setattr(sources, "UNIT_BYTES", 37)  # Units end inside lines and on newlines.
+  plan = sources.plan(0, f"text:{tmp_path}/*.txt")
+  assert len(plan.units) > 50
+  assert _documents(f"text:{tmp_path}/*.txt") == [line.strip() for line in lines]
+  assert sources.plan(0, f"text:{tmp_path}/*.txt").fingerprint == plan.fingerprint
+  (tmp_path / "b.txt").write_text("changed\n")
+  assert sources.plan(0, f"text:{tmp_path}/*.txt").fingerprint != plan.fingerprint
 
 
 def test_jsonl_field(tmp_path):
   lines = [json.dumps({"body": f"doc {i}", "text": "other"}) for i in range(3)]
   (tmp_path / "docs.jsonl").write_text("\n".join(lines))
-  documents = open_documents(f"jsonl:{tmp_path}/docs.jsonl:body", tmp_path / "data", None)
-  assert _texts(documents) == ["doc 0", "doc 1", "doc 2"]
+  assert _documents(f"jsonl:{tmp_path}/docs.jsonl:body") == ["doc 0", "doc 1", "doc 2"]
 
 
-def test_catalogue_dataset_is_read_from_its_prepared_files(tmp_path):
+def test_parquet_column_by_row_groups(tmp_path):
+  texts = [f"article {i}" if i % 5 else "" for i in range(100)]
+  pq.write_table(pa.table({"id": list(range(100)), "text": texts}), tmp_path / "wiki.parquet",
+                 row_group_size=30)
+  assert len(sources.plan(0, f"parquet:{tmp_path}/*.parquet").units) == 4
+  assert _documents(f"parquet:{tmp_path}/*.parquet") == [t for t in texts if t]
+  with pytest.raises(ValueError, match=r"wiki.parquet has no column 'body': name one of"):
+    _documents(f"parquet:{tmp_path}/*.parquet:body")
+
+
+def test_catalogue_dataset_is_read_from_its_prepared_files(tmp_path, monkeypatch):
   FakeWiki(data_dir=tmp_path / "tfds", file_format="array_record").download_and_prepare()
-  documents = open_documents("tfds:fake_wiki", tmp_path / "data", str(tmp_path / "tfds"))
-  assert _texts(documents) == sorted(f"article {i}" for i in range(30))
-  titles = open_documents("tfds:fake_wiki:title", tmp_path / "data", str(tmp_path / "tfds"))
-  assert _texts(titles) == sorted(f"T{i}" for i in range(30))
+  monkeypatch.setattr(sources, "_TFDS_UNIT", 7)
+  assert len(sources.plan(0, "tfds:fake_wiki", str(tmp_path / "tfds")).units) == 5
+  assert sorted(_documents("tfds:fake_wiki", str(tmp_path / "tfds"))) == sorted(
+      f"article {i}" for i in range(30))
+  assert sorted(_documents("tfds:fake_wiki:title", str(tmp_path / "tfds"))) == sorted(
+      f"T{i}" for i in range(30))
   with pytest.raises(ValueError, match="no feature 'body'"):
-    open_documents("tfds:fake_wiki:body", tmp_path / "data", str(tmp_path / "tfds"))
+    sources.plan(0, "tfds:fake_wiki:body", str(tmp_path / "tfds"))
 
 
-def test_wiki_offline_is_the_default_corpus(tmp_path):
-  documents = open_documents("wiki_offline", tmp_path, None)
+def test_wiki_offline_is_the_default_corpus():
+  documents = _documents("wiki_offline")
   assert len(documents) == 10_033
   assert any(text.startswith("20th-century classical music is Western art music")
-             for text in documents.texts(0, len(documents)))
+             for text in documents)
 
 
 @pytest.mark.parametrize(("source", "content", "error", "message"), [
     ("text:{}/*.txt", None, FileNotFoundError, r"no file matches '.*/\*\.txt'.*fix the path"),
-    ("text:{}/empty.txt", b"\n  \n", ValueError, r"no text in .*/empty\.txt: add documents"),
-    ("text:{}/latin1.txt", b"ok\ncaf\xe9\n", ValueError, r"latin1\.txt:2: byte 3 is not UTF-8"),
-    ("jsonl:{}/bad.jsonl", b'{"text": 1}\n', ValueError, r"bad\.jsonl:1: not a JSON object with"),
+    ("text:{}/latin1.txt", b"ok\ncaf\xe9\n", ValueError,
+     r"latin1\.txt \(the line at byte 3\): byte 3 is not UTF-8"),
+    ("jsonl:{}/bad.jsonl", b'{"text": 1}\n', ValueError,
+     r"bad\.jsonl \(the line at byte 0\): not a JSON object with"),
     ("tfds:not_prepared", None, FileNotFoundError, r"'not_prepared' is not prepared .*tfds build"),
     ("books:{}", None, ValueError, r"unknown source 'books:.*' in config.data.sources: use"),
 ])
@@ -75,5 +93,5 @@ def test_bad_input_is_a_one_line_error(tmp_path, source, content, error, message
   if content is not None:
     (tmp_path / source.split("/")[-1]).write_bytes(content)
   with pytest.raises(error, match=message) as raised:
-    open_documents(source.format(tmp_path), tmp_path / "data", str(tmp_path))
+    _documents(source.format(tmp_path), str(tmp_path))
   assert "\n" not in str(raised.value)

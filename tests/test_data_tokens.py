@@ -1,14 +1,12 @@
-"""The teacher's tokenizer and the token-id cache."""
+"""The teacher's tokenizer."""
 
-import itertools
 import json
 import shutil
 
-import numpy as np
 import pytest
 
 from distil_jax import resources
-from distil_jax.data import load_tokenizer, open_documents, tokenize
+from distil_jax.data import load_tokenizer
 
 TEXTS = [extract["extract"] for extract in
          list(json.loads(resources.wiki_offline_json().read_text()).values())[:20]]
@@ -35,29 +33,3 @@ def test_tokenizer_errors_name_the_file_and_the_fix(tmp_path):
   assert "\n" not in str(e.value)
   with pytest.raises(FileNotFoundError, match=f"no tokenizer.json or vocab.txt in {tmp_path}"):
     load_tokenizer(tmp_path)
-
-
-class _NoTokenizing:
-  """A tokenizer that fails if asked to tokenize: the cache must answer."""
-
-  def __init__(self, tokenizer):
-    self.to_str, self.get_vocab_size = tokenizer.to_str, tokenizer.get_vocab_size
-
-  def encode_batch_fast(self, *args, **kwargs):
-    raise AssertionError("tokenized again")
-
-
-def test_token_ids_are_cached(tmp_path):
-  (tmp_path / "corpus.txt").write_text("\n".join(TEXTS))
-  documents = open_documents(f"text:{tmp_path}/corpus.txt", tmp_path / "data", None)
-  tokenizer = load_tokenizer(resources.minilm_dir())
-  ids = tokenize([(documents, 2, 9), (documents, 12, 15)], tokenizer, tmp_path / "cache")
-  texts = documents.texts(2, 9) + documents.texts(12, 15)
-  expected = [tokenizer.encode(text, add_special_tokens=False).ids for text in texts]
-  assert [ids.tokens[a:b].tolist() for a, b in itertools.pairwise(ids.offsets)] == expected
-  np.testing.assert_array_equal(
-      ids.counts, np.bincount([t for e in expected for t in e], minlength=30522))
-  cached = tokenize([(documents, 2, 9), (documents, 12, 15)], _NoTokenizing(tokenizer),
-                    tmp_path / "cache")
-  np.testing.assert_array_equal(cached.tokens, ids.tokens)
-  np.testing.assert_array_equal(cached.offsets, ids.offsets)

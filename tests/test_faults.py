@@ -161,9 +161,9 @@ def test_export_refuses_a_directory_holding_something_else(finished, tmp_path):
     ({"empty.txt": b"\n \n"}, "*.txt", r"^no text in .*empty.txt: add documents"),
     ({}, "nothing*.txt", r"^no file matches '.*nothing\*.txt'"),
     ({"latin1.txt": "caf\xe9\n".encode("latin1")}, "*.txt",
-     r"^.*latin1.txt:1: byte 3 is not UTF-8: re-encode"),
+     r"^.*latin1.txt \(the line at byte 0\): byte 3 is not UTF-8: re-encode"),
     ({"huge.txt": b"word " * 2_200_000}, "*.txt",
-     r"^.*huge.txt:1 is 11 MB on one line, over 10 MB: split the document"),
+     r"^.*huge.txt \(the line at byte 0\) is over 10 MB on one line: split the document"),
 ])
 def test_bad_text_is_refused_in_one_line(tmp_path, bert_dir, files, pattern, message):
   for name, content in files.items():

@@ -22,10 +22,12 @@ INSTALL = (".venv/bin/pip install -r requirements.txt 'jax[tpu]==0.10.2' && "
 OVERRIDES = ["--config.data.tfds_data_dir=gs://BUCKET/tensorflow_datasets",
              '--config.data.sources=("tfds:wikipedia/20230601.en", "text:gs://BUCKET/books/*.txt")',
              "--config.tokenizer=$HOME/it's here"]
-V4_32 = ["--name=distil", "--zone=us-central2-b", "--accelerator=v4-32", "--spot",
-         "--experiment=experiments/bert_base.py", "--workdir=gs://BUCKET/distilbert"]
-V5E_8 = ["--name=distil-v5e", "--zone=us-west4-a", "--project=my-project", "--accelerator=v5e-8",
-         "--experiment=experiments/bert_base.py", "--workdir=gs://BUCKET/distilbert-v5e"]
+# The fit check (bert_base compiled for the slice) takes minutes here: test_fit_check_* test it.
+V4_32 = ["--name=distil", "--no-fit-check", "--zone=us-central2-b", "--accelerator=v4-32",
+         "--spot", "--experiment=experiments/bert_base.py", "--workdir=gs://BUCKET/distilbert"]
+V5E_8 = ["--name=distil-v5e", "--no-fit-check", "--zone=us-west4-a", "--project=my-project",
+         "--accelerator=v5e-8", "--experiment=experiments/bert_base.py",
+         "--workdir=gs://BUCKET/distilbert-v5e"]
 GCLOUD = ["gcloud", "compute", "tpus"]
 FAKE_GCLOUD = """\
 #!{python}

@@ -39,11 +39,11 @@ class Batches:
     self.step = state["step"]
 
 
-def _one_run(state, batch, lr_scale, stack_axis=None):
+def _one_run(state, batch, lr_scale, proceed, stack_axis=None):
   loss_fn = lambda p: jnp.sum((p["w"] - batch["x"]) ** 2)
   loss, grads = jax.value_and_grad(loss_fn)(state["params"])
   state, grad_norm, finite = optim.apply_update(state, grads, lr_scale, loss, tx=TX,
-                                                stack_axis=stack_axis)
+                                                stack_axis=stack_axis, proceed=proceed)
   return state, {"loss": loss, "grad_norm": grad_norm, "finite": finite,
                  "tokens": jnp.float32(4)}
 
@@ -51,13 +51,13 @@ def _one_run(state, batch, lr_scale, stack_axis=None):
 def _task(batches, lr_scales=None, stop_together=False):
   """One run, or with `lr_scales` a stack of runs (one per scale) on the same batches."""
   if lr_scales is None:
-    step = jax.jit(lambda s, b: _one_run(s, b, 1.0))
+    step = jax.jit(lambda s, b, p: _one_run(s, b, 1.0, p))
     evaluate = lambda p: [{"eval_loss": float(jnp.sum((p["w"] - TARGET) ** 2))}]
   else:
     scales = jnp.asarray(lr_scales, jnp.float32)
     one_run = functools.partial(_one_run, stack_axis="runs" if stop_together else None)
-    step = jax.jit(lambda s, b: jax.vmap(one_run, in_axes=(0, None, 0), axis_name="runs")(
-        s, b, scales))
+    step = jax.jit(lambda s, b, p: jax.vmap(one_run, in_axes=(0, None, 0, None),
+                                            axis_name="runs")(s, b, scales, p))
     evaluate = lambda p: [{"eval_loss": float(jnp.sum((w - TARGET) ** 2))} for w in p["w"]]
   return loop.Task(train_step=step, batches=batches, place=lambda b: b, evaluate=evaluate,
                    schedule=optax.constant_schedule(0.1), flops=lambda b: 1e3, peak_flops=1e9,

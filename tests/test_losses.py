@@ -182,7 +182,11 @@ def test_distillation_loss_is_the_weighted_sum(data):
   expected = 5 * parts["loss_ce"] + 2 * parts["loss_mlm"] + parts["loss_cos"] + 0.5 * parts[
       "loss_mse"]
   _close(total, expected)
-  assert metrics.keys() == {"loss", *parts}
+  assert metrics.keys() == {"loss", *parts, "student_correct", "teacher_correct", "labeled"}
+  labeled = data["labels"] != losses.IGNORE_INDEX
+  _close(metrics["labeled"], labeled.sum())
+  _close(metrics["student_correct"], losses.masked_accuracy(data["s"], data["labels"])[0])
+  _close(metrics["teacher_correct"], losses.masked_accuracy(data["t"], data["labels"])[0])
   _close(metrics["loss"], total)
   for name, value in parts.items():
     _close(metrics[name], value)
@@ -214,7 +218,7 @@ def test_distillation_loss_without_teacher_is_weighted_mlm(data):
       losses.LossWeights(alpha_mlm=3.0))
   _close(metrics["loss_mlm"], losses.mlm_loss(data["s"], data["labels"]))
   _close(total, 3.0 * metrics["loss_mlm"])
-  assert sorted(metrics) == ["loss", "loss_mlm"]
+  assert sorted(metrics) == ["labeled", "loss", "loss_mlm", "student_correct"]
 
 
 def test_alpha_ce_zero_ignores_the_teacher_logits(data):
@@ -277,3 +281,37 @@ def test_classification_loss_is_torchs_over_the_weighted_rows(num_labels):
     hits = (logits.argmax(-1) == labels)[weight]
     assert float(losses.classification_accuracy(logits, labels, weight)) == pytest.approx(
         hits.mean(), rel=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [0, 3, 4, SEQ])
+def test_lazy_logits_in_chunks_equal_the_logits_at_once(data, chunk):
+  """The logits as features times a projection, made `chunk` positions at a time: the same
+  losses, counts and gradients (of the features and of the projection) as the logits given."""
+  rng = np.random.default_rng(5)
+  vocab, dim = data["s"].shape[-1], 6
+  features = {name: rng.normal(size=(*data[name].shape[:2], dim)).astype(np.float32)
+              for name in ("s", "t")}
+  projection = rng.normal(size=(dim, vocab)).astype(np.float32)
+  weights = losses.LossWeights(temperature=2.0, alpha_ce=5.0, alpha_mlm=2.0, alpha_cos=1.0,
+                               alpha_mse=0.5)
+
+  def run(lazy_chunk, features_s, matrix):
+    logits = lambda f: (f @ matrix).astype(jnp.float32)
+    if lazy_chunk is None:
+      student, teacher = logits(features_s), logits(features["t"])
+    else:
+      student = losses.LazyLogits(features_s, logits)
+      teacher = losses.LazyLogits(jnp.asarray(features["t"]), logits)
+    return losses.distillation_loss(
+        losses.Outputs(student, data["hs"]), losses.Outputs(teacher, data["ht"]),
+        data["labels"], data["attention"], data["attention"], weights, chunk=lazy_chunk or 0)
+
+  grad = lambda c: jax.grad(lambda f, m: run(c, f, m)[0], argnums=(0, 1))(features["s"],
+                                                                        projection)
+  (total, metrics), (lazy_total, lazy_metrics) = run(None, features["s"], projection), run(
+      chunk, features["s"], projection)
+  _close(lazy_total, total)
+  for name, value in metrics.items():
+    _close(lazy_metrics[name], value)
+  for ours, theirs in zip(grad(chunk), grad(None), strict=True):
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)

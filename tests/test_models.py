@@ -120,3 +120,18 @@ def test_hidden_size_not_divisible_by_heads_is_refused():
   with pytest.raises(ValueError, match="not divisible by the number of attention heads"):
     models.ModelConfig(vocab_size=50, hidden_size=30, num_layers=2, num_heads=4,
                        intermediate_size=24)
+
+
+def test_attention_probabilities_are_kept_in_the_compute_dtype():
+  """softmax_kept_in: float32 statistics, the probabilities kept for the backward pass in the
+  compute dtype (half the bytes in bfloat16), gradients those of jax.nn.softmax."""
+  from jax._src.ad_checkpoint import saved_residuals  # What print_saved_residuals prints.
+  scores = jax.random.normal(jax.random.key(0), (2, 3, 5, 7)) * 3
+  weights = jax.random.normal(jax.random.key(1), scores.shape)
+  ours = lambda dtype: jax.grad(lambda s: jnp.sum(
+      models.softmax_kept_in(s, dtype).astype(jnp.float32) * weights))(scores)
+  theirs = jax.grad(lambda s: jnp.sum(jax.nn.softmax(s, axis=-1) * weights))(scores)
+  np.testing.assert_allclose(ours(jnp.float32), theirs, atol=1e-6)
+  np.testing.assert_allclose(ours(jnp.bfloat16), theirs, atol=1e-2 * np.abs(theirs).max())
+  (kept,) = saved_residuals(lambda s: jnp.sum(models.softmax_kept_in(s, jnp.bfloat16)), scores)
+  assert kept[0].dtype == jnp.bfloat16 and kept[0].shape == scores.shape

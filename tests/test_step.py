@@ -53,9 +53,12 @@ def _assert_metrics_match(metrics, expected):
     {}, pytest.param({"accum_steps": 4}, marks=pytest.mark.slow), {"restrict_ce_to_mask": True},
     {"restrict_ce_to_mask": True, "accum_steps": 4},
     pytest.param({"restrict_ce_to_mask": True, "gather_logits": False}, marks=pytest.mark.slow),
-    {"project": True},
+    {"project": True}, {"logit_chunk": 5},
+    pytest.param({"restrict_ce_to_mask": True, "logit_chunk": 4, "accum_steps": 2},
+                 marks=pytest.mark.slow),
 ], ids=["all_tokens", "all_tokens_accum4", "masked_gather", "masked_gather_accum4",
-        "masked_no_gather", "projection"])  # Two variants are in the slow tier only.
+        "masked_no_gather", "projection", "all_tokens_chunked",
+        "masked_chunked_accum2"])  # Three variants are in the slow tier only.
 def test_train_step_equals_the_reference(options):
   batch = random_batch(8, seed=3)  # Rows of unequal lengths and masked counts.
   assert (batch["attention_mask"] == 0).any()

@@ -36,6 +36,7 @@ BAD = {
     ("data.sources",): {"data.sources": ("books.txt",)},
     ("data.min_len", "data.max_len"): {"data.min_len": 64, "data.max_len": 32},
     ("data.bucket", "data.max_len"): {"data.bucket": (64, 32)},
+    ("data.bucket", "data.pack"): {"data.bucket": (32,), "data.pack": True},
     ("data.batch_size", "accum_steps"): {"data.batch_size": 32, "accum_steps": 3},
     ("data.mask_token_frac", "data.random_token_frac"): {"data.mask_token_frac": 0.8,
                                                          "data.random_token_frac": 0.3},

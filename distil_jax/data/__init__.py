@@ -1,36 +1,26 @@
-"""Input pipeline: text sources -> cached WordPiece ids -> sequences -> masked, sharded batches."""
+"""Input pipeline: text sources -> prepared rows of token ids (every core, once) -> masked,
+sharded batches; GLUE tasks (`glue.py`).
 
-from distil_jax.data.config import default_data_config
-from distil_jax.data.masking import (
-    IGNORED_LABEL,
-    label_log_prior,
-    mask_tokens,
-    smoothed_token_weights,
-)
-from distil_jax.data.pipeline import Datasets, global_batch, make_datasets, make_eval_batches
-from distil_jax.data.sequences import Sequences, make_sequences, split_by_length
-from distil_jax.data.sources import Documents, TextCorpus, open_documents
-from distil_jax.data.tokens import SpecialIds, TokenIds, load_tokenizer, special_ids, tokenize
+The names below are imported when first used: a data-preparing process imports only what it runs.
+"""
 
-__all__ = [
-    "IGNORED_LABEL",
-    "Datasets",
-    "Documents",
-    "Sequences",
-    "SpecialIds",
-    "TextCorpus",
-    "TokenIds",
-    "default_data_config",
-    "global_batch",
-    "label_log_prior",
-    "load_tokenizer",
-    "make_datasets",
-    "make_eval_batches",
-    "make_sequences",
-    "mask_tokens",
-    "open_documents",
-    "smoothed_token_weights",
-    "special_ids",
-    "split_by_length",
-    "tokenize",
-]
+import importlib
+
+_EXPORTS = {
+    "default_data_config": "config",
+    "IGNORED_LABEL": "masking", "label_log_prior": "masking", "mask_tokens": "masking",
+    "smoothed_token_weights": "masking",
+    "Datasets": "pipeline", "global_batch": "pipeline", "make_datasets": "pipeline",
+    "make_eval_batches": "pipeline",
+    "Packer": "packing", "pack_documents": "packing", "segment_ids": "packing",
+    "Prepared": "prepared",
+    "SpecialIds": "tokens", "load_tokenizer": "tokens", "special_ids": "tokens",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+  if name in _EXPORTS:
+    module = importlib.import_module(f"distil_jax.data.{_EXPORTS[name]}")
+    return getattr(module, name)
+  raise AttributeError(f"module 'distil_jax.data' has no attribute {name!r}")

@@ -1,26 +1,16 @@
-"""The teacher's WordPiece tokenizer, and token ids cached on disk per corpus and tokenizer."""
+"""The teacher's WordPiece tokenizer, loaded as HuggingFace saves it, without padding or
+truncation."""
 
-import dataclasses
-import hashlib
 import json
 import os
-import pathlib
-import shutil
-import time
-from collections.abc import Sequence
 from typing import NamedTuple
 
-import numpy as np
 import tokenizers
-from absl import logging
 from etils import epath
 
 from distil_jax import errors
-from distil_jax.data import files
-from distil_jax.data.sources import Documents
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
-_DOCUMENTS_PER_BLOCK = 4096
 
 
 class SpecialIds(NamedTuple):
@@ -29,15 +19,6 @@ class SpecialIds(NamedTuple):
   cls: int
   sep: int
   mask: int
-
-
-@dataclasses.dataclass(frozen=True)
-class TokenIds:
-  """Token ids of documents, no special tokens: document d is tokens[offsets[d]:offsets[d+1]]."""
-
-  tokens: np.ndarray  # memory-mapped, uint16 or int32
-  offsets: np.ndarray  # int64, one more than there are documents
-  counts: np.ndarray  # int64, how often each vocabulary id occurs in `tokens`
 
 
 def load_tokenizer(path: str | os.PathLike, vocab_size: int | None = None) -> tokenizers.Tokenizer:
@@ -74,62 +55,6 @@ def load_tokenizer(path: str | os.PathLike, vocab_size: int | None = None) -> to
 def special_ids(tokenizer: tokenizers.Tokenizer) -> SpecialIds:
   """Ids of [PAD], [UNK], [CLS], [SEP] and [MASK] (checked present by `load_tokenizer`)."""
   return SpecialIds(*(tokenizer.token_to_id(token) for token in SPECIAL_TOKENS))
-
-
-def tokenize(parts: Sequence[tuple[Documents, int, int]], tokenizer: tokenizers.Tokenizer,
-             cache_dir: pathlib.Path) -> TokenIds:
-  """Token ids of documents [start, stop) of each part, in order, tokenized once and cached.
-
-  The cache is keyed by the parts (source fingerprints and ranges) and the tokenizer; the ids do
-  not depend on max_len, packing or masking.
-  """
-  tokenizer_hash = hashlib.sha256(tokenizer.to_str().encode()).hexdigest()
-  ranges = [(documents.fingerprint, start, stop) for documents, start, stop in parts]
-  identity = json.dumps([tokenizer_hash, ranges])
-  directory = cache_dir / hashlib.sha256(identity.encode()).hexdigest()[:24]
-  with files.exclusive_lock(directory.with_suffix(".lock")):
-    if not directory.exists():
-      _write(parts, tokenizer, directory)
-  return _read(directory)
-
-
-def _write(parts: Sequence[tuple[Documents, int, int]], tokenizer: tokenizers.Tokenizer,
-           directory: pathlib.Path) -> None:
-  """Writes tokens.bin, offsets.npy and counts.npy to a temporary directory, then renames it."""
-  begin = time.perf_counter()
-  vocab_size = tokenizer.get_vocab_size()
-  temporary = directory.with_suffix(".incomplete")
-  shutil.rmtree(temporary, ignore_errors=True)
-  temporary.mkdir(parents=True)
-  lengths, counts = [], np.zeros(vocab_size, np.int64)
-  with open(temporary / "tokens.bin", "wb") as tokens_file:
-    for documents, start, stop in parts:
-      for block in range(start, stop, _DOCUMENTS_PER_BLOCK):
-        texts = documents.texts(block, min(block + _DOCUMENTS_PER_BLOCK, stop))
-        encodings = tokenizer.encode_batch_fast(texts, add_special_tokens=False)
-        ids = [encoding.ids for encoding in encodings]
-        lengths += map(len, ids)
-        block_tokens = np.fromiter((i for doc in ids for i in doc), _dtype(vocab_size))
-        counts += np.bincount(block_tokens, minlength=vocab_size)
-        block_tokens.tofile(tokens_file)
-  np.save(temporary / "offsets.npy", np.cumsum([0, *lengths], dtype=np.int64))
-  np.save(temporary / "counts.npy", counts)
-  temporary.rename(directory)
-  logging.info("Tokenized %d documents (%d tokens) in %.1f s into %s", len(lengths), counts.sum(),
-               time.perf_counter() - begin, directory)
-
-
-def _read(directory: pathlib.Path) -> TokenIds:
-  offsets = np.load(directory / "offsets.npy")
-  counts = np.load(directory / "counts.npy")
-  dtype = _dtype(len(counts))
-  tokens = (np.memmap(directory / "tokens.bin", dtype, mode="r") if offsets[-1]
-            else np.zeros(0, dtype))  # An empty file cannot be memory-mapped.
-  return TokenIds(tokens, offsets, counts)
-
-
-def _dtype(vocab_size: int) -> type[np.integer]:
-  return np.uint16 if vocab_size <= 2**16 else np.int32
 
 
 def _lowercase(directory: epath.Path) -> bool:

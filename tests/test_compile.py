@@ -1,0 +1,57 @@
+"""`distil_jax.compile`: an experiment's steps compiled for TPU slices here (libtpu's compile-only
+devices), and a program too big for its slice refused in one FATAL line naming what fits; the
+launchers run that check before they create anything."""
+
+import pytest
+
+import distil_jax.compile as compile_command
+from distil_jax import tpu
+from tests import runs
+from tests.test_launch import gcloud_calls, gcloud_dir, launch  # noqa: F401 (a fixture)
+
+pytestmark = pytest.mark.slow  # The real TPU compiler: 10 to 30 s a program on 2 cores.
+
+
+@pytest.mark.parametrize("slice_name, devices, kind", [("v5e-8", 8, "TPU v5 lite"),
+                                                       ("v4-32", 16, "TPU v4")])
+def test_a_tiny_run_compiles_for_a_slice(bert_dir, corpus, slice_name, devices, kind):
+  config = runs.config(bert_dir, corpus, **{"data.batch_size": 32, "accum_steps": 2})
+  assert len(tpu.devices(slice_name)) == devices  # One per chip: a v4 chip is one megacore.
+  assert {d.device_kind for d in tpu.devices(slice_name)} == {kind}
+  reports = compile_command.compile_for_slice(config, slice_name)
+  for name, report in reports.items():
+    assert report.slice_name == slice_name and report.chips == devices, name
+    assert 0 < report.total_bytes < report.hbm_bytes and report.fits, name
+    assert report.flops > 0 and report.bytes_accessed > 0, name
+  train = reports["train"]
+  assert 0 < train.mfu < 1 and train.tokens_per_second_per_chip > 0
+  # Two micro-batches: the loop's cost counted twice, more than the eval step's.
+  assert train.flops > 2 * reports["eval"].flops
+
+
+def test_a_program_too_big_for_its_slice_ends_in_one_fatal_line(bert_dir, corpus):
+  """Logits of 8192 rows per chip: the compiler refuses them on a v5e chip's 16 GiB, and the
+  command compiles with more micro-batches until one fits."""
+  process = runs.launch("compile", "--config=tests/configs/random_teacher.py",
+                        f"--config.teacher={bert_dir}", f"--config.data.sources=('text:{corpus}',)",
+                        "--slice=v5e-8", "--config.data.batch_size=65536")
+  (output,) = runs.finish(process, returncode=1)
+  assert "Traceback" not in output
+  last = output.strip().splitlines()[-1]
+  assert last.startswith("FATAL the program does not fit a v5e-8: it needs ")
+  assert "GiB of HBM per chip, more than the 15.75 GiB XLA can use; --config.accum_steps=" in last
+  assert "fits (micro-batches of" in last
+
+
+def test_the_launcher_checks_the_fit_before_it_creates_anything(bert_dir, corpus,
+                                                                gcloud_dir):  # noqa: F811
+  flags = ["--name=tiny", "--zone=us-west4-a", "--accelerator=v5e-8", "--dry-run",
+           "--experiment=tests/configs/random_teacher.py", "--workdir=gs://BUCKET/tiny", "--",
+           f"--config.teacher={bert_dir}", f"--config.data.sources=('text:{corpus}',)"]
+  fits = launch("tpu_vm.py", *flags, gcloud_dir=gcloud_dir)
+  assert fits.returncode == 0, fits.stderr
+  assert fits.stdout.startswith("# fit check: ") and "| v5e-8 | 8 |" in fits.stdout
+  too_big = launch("tpu_vm.py", *flags, "--config.data.batch_size=65536", gcloud_dir=gcloud_dir)
+  assert too_big.returncode != 0 and gcloud_calls(gcloud_dir) == []
+  assert too_big.stderr.startswith("error: the program does not fit a v5e-8")
+  assert too_big.stderr.strip().endswith("(no VM was created; --no-fit-check skips this check)")
