@@ -90,7 +90,11 @@ def _move(request, response, storage, *args, **kwargs):
 
 
 def _mend() -> None:
-  """Mends listings and downloads (`_ls`, `_download`) and adds object moves (`_move`)."""
+  """Mends listings and downloads (`_ls`, `_download`), adds object moves (`_move`), and lets
+  connections queue as a bucket takes them: the emulator serves one request at a time, and
+  Python's HTTPServer keeps 5 waiting, so a client's 256 concurrent byte-range reads stalled
+  for minutes in TCP retries."""
+  server.server.HTTPServer.request_queue_size = 1024
   objects.download = _download  # `objects.get` calls it by name for `?alt=media`.
   for _, handlers in server.HANDLERS:
     for method, handler in handlers.items():
