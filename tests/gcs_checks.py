@@ -10,7 +10,6 @@ finding. The test asserts on the report and reads the bucket over HTTP itself.
 import json
 import pathlib
 import sys
-import tempfile
 import time
 import traceback
 import warnings
@@ -168,15 +167,15 @@ def tensorboardx(root: epath.Path, out: pathlib.Path) -> list[str]:
 
 @check
 def text_source(root: epath.Path, out: pathlib.Path) -> list[str]:
-  """The program's "text:gs://.../*.txt" source: glob, stat, open("rb"), prepared locally."""
-  from distil_jax.data import open_documents
+  """The program's "text:gs://.../*.txt" source: glob, stat, its units' lines read from the
+  bucket."""
+  from distil_jax.data import sources
 
   (root / "data" / "a.txt").write_text("first doc\n\nsecond doc\n")
   (root / "data" / "b.txt").write_text("third doc\n")
   (root / "data" / "c.json").write_text("not text")
-  with tempfile.TemporaryDirectory() as data_dir:
-    documents = open_documents(f"text:{root}/data/*.txt", pathlib.Path(data_dir), None)
-    return sorted(documents.texts(0, len(documents)))
+  plan = sources.plan(0, f"text:{root}/data/*.txt", None)
+  return sorted(text for unit in plan.units for text in sources.read(unit))
 
 
 def main(bucket: str, out: pathlib.Path) -> None:

@@ -15,6 +15,7 @@ file, ranges of records of a TFDS dataset) that `read` reads independently.
 """
 
 import dataclasses
+import io
 import json
 import math
 from collections.abc import Iterator
@@ -113,12 +114,14 @@ def read(unit: Unit) -> Iterator[str]:
 def _lines(unit: Unit) -> Iterator[tuple[str, str]]:
   """(where, stripped text) of the non-empty lines that begin in the unit's byte range."""
   with epath.Path(unit.path).open("rb") as f:
+    # A local file reads at most MAX_LINE_BYTES + 1 of a line; fsspec's (gs://) take no limit.
+    limit = [MAX_LINE_BYTES + 1] if isinstance(f, io.BufferedIOBase) else []
     position = unit.start
     if position:  # The line under way at `start` belongs to the unit before.
       f.seek(position - 1)
       position += len(f.readline()) - 1
     while position < unit.stop:
-      raw = f.readline(MAX_LINE_BYTES + 1)
+      raw = f.readline(*limit)
       if not raw:
         return
       where = f"{unit.path} (the line at byte {position})"
