@@ -54,27 +54,28 @@ def finished(tmp_path_factory, bert_dir, corpus) -> pathlib.Path:
 @pytest.mark.slow
 def test_nonfinite_steps_are_never_applied_and_the_run_stops_or_skips(tmp_path, bert_dir,
                                                                         corpus):
+  # At this learning rate, steps 1 and 2 are finite and step 3 is not (its loss is NaN).
   stop = tmp_path / "stop"
   for _ in range(2):  # Running the same command again stops at the same step, saving nothing.
-    with pytest.raises(errors.Diverged, match=r"^step 2 is not finite \(loss=nan, loss_ce=nan.*"
-                                              r"no update of step 2 was applied; checkpoint 1 "
+    with pytest.raises(errors.Diverged, match=r"^step 3 is not finite \(loss=nan, loss_ce=nan.*"
+                                              r"no update of step 3 was applied; checkpoint 2 "
                                               r"holds the last finite state: lower the learning "
                                               r"rate and run again with --allow_config_change "
-                                              r"\(it resumes from step 1\); if it diverges again "
+                                              r"\(it resumes from step 2\); if it diverges again "
                                               r"from there, start afresh in a new --workdir$"):
-      _run(stop, bert_dir, corpus, **{"optim.lr_peak": 1e6})
-    assert checkpoint.saved_steps(stop) == [1]
-  assert all(np.isfinite(x).all() for x in _params(stop, 1))
+      _run(stop, bert_dir, corpus, checkpoint_every_steps=2, **{"optim.lr_peak": 1e6})
+    assert checkpoint.saved_steps(stop) == [2]
+  assert all(np.isfinite(x).all() for x in _params(stop, 2))
   rows = [json.loads(line, parse_constant=pytest.fail) for line in  # Strict JSON: no bare NaN.
           (stop / "metrics.jsonl").read_text().splitlines()]
   assert [r["loss"] for r in rows if r["kind"] == "train"][-1] == "nan"
 
-  with pytest.raises(errors.Diverged, match=r"3 steps skipped, more than max_skipped_steps=2"):
-    _run(tmp_path / "skip", bert_dir, corpus, on_nonfinite="skip", max_skipped_steps=2,
+  with pytest.raises(errors.Diverged, match=r"2 steps skipped, more than max_skipped_steps=1"):
+    _run(tmp_path / "skip", bert_dir, corpus, on_nonfinite="skip", max_skipped_steps=1,
          **{"optim.lr_peak": 1e6})
   rows = [json.loads(line) for line in (tmp_path / "skip" / "metrics.jsonl").read_text()
           .splitlines() if '"train"' in line]
-  assert [r["skipped_steps"] for r in rows] == [0, 1, 2, 3]
+  assert [r["skipped_steps"] for r in rows] == [0, 0, 1, 2]
 
 
 @pytest.mark.slow
