@@ -224,3 +224,18 @@ def test_a_program_too_big_for_the_chips():
                         "in memory space vmem.; shard it over more chips, or use a smaller batch "
                         "or a bigger slice")
   assert other.needed_bytes is None and "| v5e-8 | 8 | ? (15.75)" in tpu.format_table([other])
+
+
+def test_buffers_over_the_usable_hbm_are_refused_though_xla_compiled_them(monkeypatch):
+  # XLA compiled 8 fused bert_base runs for a v4-32 whose buffers add up to 32.56 GiB of the
+  # 30.75 usable: the program is refused as if XLA had, naming both figures.
+  mesh = sharding.make_mesh((-1, 1, 1), devices=tpu.devices("v5e-8"))
+  program = jax.jit(lambda a: 2 * a).lower(abstract((1024, 1024), mesh))
+  analyze = tpu.analyze
+  monkeypatch.setattr(tpu, "analyze", lambda compiled, name: dataclasses.replace(
+      analyze(compiled, name), temp_bytes=16 * GIB))
+  with pytest.raises(tpu.DoesNotFit, match=r"does not fit a v5e-8: it needs 16.0\d GiB of HBM "
+                     r"per chip, more than the 15.75 GiB XLA can use"):
+    tpu.compile(program, "v5e-8")
+  monkeypatch.setattr(tpu, "analyze", analyze)
+  assert tpu.compile(program, "v5e-8") is not None
