@@ -3,6 +3,7 @@
 from collections.abc import Callable, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from distil_jax import data, distill_step, hf, models, optim, resources, sharding, student
@@ -38,7 +39,9 @@ def compile_step(config: distill_step.StepConfig, student_params: dict,
                                                    teacher_params, tx, mesh)
   global_batch = data.global_batch(dict(batch), sharding.batch_sharding(mesh))
   hyper = distill_step.Hyper()
-  flops = train.lower(state, teacher, global_batch, hyper).compile().cost_analysis()["flops"]
+  proceed = jnp.asarray(True)  # The step's last argument (`optim.proceed_optional`).
+  flops = train.lower(state, teacher, global_batch, hyper, proceed).compile().cost_analysis()[
+      "flops"]
 
   def run() -> dict:
     nonlocal state
