@@ -30,17 +30,17 @@ def test_a_tiny_run_compiles_for_a_slice(bert_dir, corpus, slice_name, devices, 
 
 
 def test_a_program_too_big_for_its_slice_ends_in_one_fatal_line(bert_dir, corpus):
-  """Logits of 8192 rows per chip: the compiler refuses them on a v5e chip's 16 GiB, and the
-  command compiles with more micro-batches until one fits."""
+  """Logits of 2048 rows per chip (about 19 GiB): the compiler refuses them on a v5e chip's 16
+  GiB, and the command compiles with more micro-batches until one fits (here the first: 2)."""
   process = runs.launch("compile", "--config=tests/configs/random_teacher.py",
                         f"--config.teacher={bert_dir}", f"--config.data.sources=('text:{corpus}',)",
-                        "--slice=v5e-8", "--config.data.batch_size=65536")
+                        "--slice=v5e-8", "--config.data.batch_size=16384")
   (output,) = runs.finish(process, returncode=1)
   assert "Traceback" not in output
   last = output.strip().splitlines()[-1]
   assert last.startswith("FATAL the program does not fit a v5e-8: it needs ")
-  assert "GiB of HBM per chip, more than the 15.75 GiB XLA can use; --config.accum_steps=" in last
-  assert "fits (micro-batches of" in last
+  assert last.endswith("GiB of HBM per chip, more than the 15.75 GiB XLA can use; "
+                       "--config.accum_steps=2 fits (micro-batches of 1024 rows per device)")
 
 
 def test_the_launcher_checks_the_fit_before_it_creates_anything(bert_dir, corpus,
@@ -51,7 +51,7 @@ def test_the_launcher_checks_the_fit_before_it_creates_anything(bert_dir, corpus
   fits = launch("tpu_vm.py", *flags, gcloud_dir=gcloud_dir)
   assert fits.returncode == 0, fits.stderr
   assert fits.stdout.startswith("# fit check: ") and "| v5e-8 | 8 |" in fits.stdout
-  too_big = launch("tpu_vm.py", *flags, "--config.data.batch_size=65536", gcloud_dir=gcloud_dir)
+  too_big = launch("tpu_vm.py", *flags, "--config.data.batch_size=16384", gcloud_dir=gcloud_dir)
   assert too_big.returncode != 0 and gcloud_calls(gcloud_dir) == []
   assert too_big.stderr.startswith("error: the program does not fit a v5e-8")
   assert too_big.stderr.strip().endswith("(no VM was created; --no-fit-check skips this check)")
