@@ -13,6 +13,11 @@ def every_other_layer(num_teacher_layers: int, num_student_layers: int) -> list[
   return [int(i) for i in np.round(np.linspace(0, num_teacher_layers - 1, num_student_layers))]
 
 
+def student_shape(teacher: models.ModelConfig, num_layers: int) -> models.ModelConfig:
+  """A student's config: the teacher's, `num_layers` deep, without token-type embeddings."""
+  return dataclasses.replace(teacher, num_layers=num_layers, type_vocab_size=0)
+
+
 def student_from_teacher(config: models.ModelConfig, params: dict, layers: Sequence[int],
                          fold_token_type: bool = True, copy_head_transform: bool = True,
                          seed: int = 0) -> tuple[models.ModelConfig, dict]:
@@ -31,7 +36,7 @@ def student_from_teacher(config: models.ModelConfig, params: dict, layers: Seque
     raise errors.ConfigError(
         f"student layers {layers} must name teacher layers 0..{config.num_layers - 1}"
         f" (the teacher has {config.num_layers}): fix distill.student_layers")
-  student_config = dataclasses.replace(config, num_layers=len(layers), type_vocab_size=0)
+  student_config = student_shape(config, len(layers))
   embeddings = {k: v for k, v in params["embeddings"].items() if k != "token_type_embeddings"}
   if fold_token_type and not config.is_distilbert:
     token_type_0 = np.asarray(params["embeddings"]["token_type_embeddings"]["embedding"][0])

@@ -102,7 +102,7 @@ def teacher_directory(config: ml_collections.ConfigDict, workdir: epath.Path) ->
       logging.info("Adapting the teacher with MLM training into %s.", stage)
       run([config.adapt_teacher], [stage])  # A preemption raises `errors.Preempted`.
     return stage / "export"
-  return resources.minilm_dir() if config.teacher == "minilm" else hf.resolve(config.teacher)
+  return teacher_checkpoint(config)
 
 
 def model_configs(config: ml_collections.ConfigDict, teacher: models.ModelConfig
@@ -113,7 +113,7 @@ def model_configs(config: ml_collections.ConfigDict, teacher: models.ModelConfig
   if config.mode == "mlm":
     return teacher, None
   layers = len(config.student.layers) or config.student.num_layers
-  return (dataclasses.replace(teacher, num_layers=layers, type_vocab_size=0),
+  return (student.student_shape(teacher, layers),
           dataclasses.replace(teacher, param_dtype=config.teacher_param_dtype))
 
 
