@@ -150,13 +150,30 @@ def _micro_loss(params, teacher, batch, targets, weights, totals, rng, config, m
   return total, metrics
 
 
-def _per_run(config: StepConfig, fn, num_stacked: int, num_args: int):
+def _per_run(config: StepConfig, fn, num_stacked: int, num_args: int, in_turn: bool = False):
   """`fn` mapped over the runs axis of its first `num_stacked` arguments (the others are
-  shared), or `fn` itself when the state has no runs axis."""
+  shared), or `fn` itself when the state has no runs axis.
+
+  Vmapped, with the axis named `RUNS_AXIS` for collectives across runs; or `in_turn`, one run
+  after another (`lax.map`): each run's matmuls are then a single run's, and only one run's
+  activations are live at a time, which is what the models' forward and backward passes want
+  (on XLA:CPU a vmapped run's matmuls are slower than the runs' one by one)."""
   if not config.num_runs:
     return fn
+  if in_turn:
+    return lambda *args: jax.lax.map(lambda run: fn(*run, *args[num_stacked:]),
+                                     args[:num_stacked])
   return jax.vmap(fn, in_axes=(0,) * num_stacked + (None,) * (num_args - num_stacked),
                   axis_name=RUNS_AXIS)
+
+
+def shared_outputs(config: StepConfig, teacher_params: PyTree | None, micro_batch: PyTree,
+                   mesh: Mesh | None = None):
+  """What a micro-batch gives every run alike: where logits are needed (`_logit_targets`) and
+  the teacher's outputs there. Fused runs compute it once."""
+  targets = _logit_targets(config, micro_batch)
+  return targets, _teacher_outputs(config, teacher_params, micro_batch, targets[0], mesh,
+                                   lazy=config.logit_chunk > 0)
 
 
 def _split(config: StepConfig, batch: PyTree, num_micro: int, mesh: Mesh | None) -> PyTree:
@@ -178,8 +195,8 @@ def train_step(state: PyTree, teacher_params: PyTree | None, batch: PyTree, hype
 
   Micro-batch losses are weighted by their share of each loss part's positions, so the update
   equals the one on the whole batch at once. With `config.num_runs`, `state`, `hyper` and the
-  returned metrics have a leading runs axis: the teacher runs once per micro-batch and the
-  student's forward, backward and update are vmapped over the runs.
+  returned metrics have a leading runs axis: the teacher runs once per micro-batch, then each
+  run's student forward and backward in turn; the update is vmapped over the runs.
   """
   totals = _counts(*_logit_targets(config, batch)[1:], batch["attention_mask"])
 
@@ -188,12 +205,10 @@ def train_step(state: PyTree, teacher_params: PyTree | None, batch: PyTree, hype
         jax.random.key(hyper.seed), step), i)
     return jax.grad(_micro_loss, has_aux=True)(params, teacher, micro_batch, targets,
                                                hyper.weights, totals, rng, config, mesh)
-  run_grads = _per_run(config, run_grads, 3, 7)
+  run_grads = _per_run(config, run_grads, 3, 7, in_turn=True)
 
   def micro_grads(micro_batch, i):
-    targets = _logit_targets(config, micro_batch)
-    teacher = _teacher_outputs(config, teacher_params, micro_batch, targets[0], mesh,
-                               lazy=config.logit_chunk > 0)
+    targets, teacher = shared_outputs(config, teacher_params, micro_batch, mesh)
     return run_grads(state["params"], state["step"], hyper, teacher, micro_batch, targets, i)
 
   micro = _split(config, batch, config.accum_steps, mesh)
@@ -215,6 +230,11 @@ def train_step(state: PyTree, teacher_params: PyTree | None, batch: PyTree, hype
   return new_state, metrics
 
 
+def eval_config(config: StepConfig) -> StepConfig:
+  """What `eval_step` computes: logits at the masked positions only, all at once."""
+  return dataclasses.replace(config, restrict_ce_to_mask=True, gather_logits=True, logit_chunk=0)
+
+
 def eval_step(params: PyTree, teacher_params: PyTree | None, batch: PyTree, *,
               config: StepConfig, mesh: Mesh | None = None) -> dict[str, jax.Array]:
   """Sums over a batch's masked positions: NLL and correct predictions of student (and teacher),
@@ -223,7 +243,7 @@ def eval_step(params: PyTree, teacher_params: PyTree | None, batch: PyTree, *,
   The batch is evaluated in `config.accum_steps` micro-batches, as training splits it. With
   `config.num_runs`, `params` and the sums have a leading runs axis.
   """
-  config = dataclasses.replace(config, restrict_ce_to_mask=True, gather_logits=True)
+  config = eval_config(config)
 
   def run_sums(params, teacher, micro_batch, targets):
     positions, valid, labels = targets
@@ -237,11 +257,10 @@ def eval_step(params: PyTree, teacher_params: PyTree | None, batch: PyTree, *,
       sums["agreement"] = losses.top1_agreement(student.logits, teacher.logits, valid) * count
       sums["kl"] = losses.kd_loss(student.logits, teacher.logits, valid, 1.0) * count
     return sums
-  run_sums = _per_run(config, run_sums, 1, 4)
+  run_sums = _per_run(config, run_sums, 1, 4, in_turn=True)
 
   def micro_sums(micro_batch):
-    targets = _logit_targets(config, micro_batch)
-    teacher = _teacher_outputs(config, teacher_params, micro_batch, targets[0], mesh)
+    targets, teacher = shared_outputs(config, teacher_params, micro_batch, mesh)
     return run_sums(params, teacher, micro_batch, targets)
 
   micro = _split(config, batch, config.accum_steps, mesh)
@@ -306,7 +325,9 @@ def lower(config: StepConfig, tx: optax.GradientTransformation, mesh: Mesh, batc
           seq_len: int, projection: bool = False) -> dict[str, jax.stages.Lowered]:
   """The train step, the eval step and the optimizer update alone (`optim.apply_update`, what
   runs outside the micro-batch loop), lowered for `mesh` on the shapes of a global batch of
-  `batch_size` rows of `seq_len`: nothing is allocated, `.compile()` gives the real programs."""
+  `batch_size` rows of `seq_len`: nothing is allocated, `.compile()` gives the real programs.
+  With `config.num_runs`, also each step's `shared_outputs` of a micro-batch alone ("shared",
+  "eval_shared"), what the micro-batch loop holds besides its loop over the runs."""
   student = nn.meta.unbox(models.abstract_params(config.student))
   params = {"student": student}
   if projection:
@@ -336,9 +357,16 @@ def lower(config: StepConfig, tx: optax.GradientTransformation, mesh: Mesh, batc
   train, evaluate = jit_steps(config, tx, mesh, state_shardings, teacher_shardings)
   update = functools.partial(optim.apply_update, tx=tx, frozen=config.frozen)
   update = jax.jit(_per_run(config, update, 4, 4), donate_argnums=0)
-  return {"train": train.lower(state, teacher, batch, hyper, proceed),
-          "eval": evaluate.lower(state["params"], teacher, batch),
-          "update": update.lower(state, state["params"], hyper.lr_scale, scalar(jnp.float32))}
+  programs = {"train": train.lower(state, teacher, batch, hyper, proceed),
+              "eval": evaluate.lower(state["params"], teacher, batch),
+              "update": update.lower(state, state["params"], hyper.lr_scale, scalar(jnp.float32))}
+  if config.num_runs:
+    micro_batch = {k: jax.ShapeDtypeStruct((batch_size // config.accum_steps, seq_len), x.dtype,
+                                           sharding=x.sharding) for k, x in batch.items()}
+    for name, step_config in ("shared", config), ("eval_shared", eval_config(config)):
+      programs[name] = jax.jit(functools.partial(shared_outputs, step_config, mesh=mesh)).lower(
+          teacher, micro_batch)
+  return programs
 
 
 def prepare(config: StepConfig, params: PyTree, teacher_params: PyTree | None,
