@@ -8,6 +8,11 @@ changes no shape), over temperature 1, 4 x alpha_ce 0.5, 5: once fused (one prog
 separate (four runs one after another). Prints the ratio predicted from the FLOPs of the step,
 then the measured one: wall time of the whole command, seconds per step in steady state, and
 the start-up and compile time saved; and each command's peak memory (resident set).
+
+Then the same two steps in this process, interleaved: each round one fused step of the 4 runs,
+then one step of a single run 4 times. A shared or virtual machine's speed drifts by tens of
+percent over minutes, which the two commands above, minutes apart, cannot tell from the steps'
+own difference; each round compares like with like.
 """
 
 import dataclasses
@@ -20,11 +25,14 @@ import sys
 import tempfile
 import time
 
+import numpy as np
 from absl import app, flags
 
-from distil_jax import distill_step, hf, perf, resources
+from benchmarks import step_setups
+from distil_jax import distill_step, hf, losses, perf, resources, stacked
 
 _STEPS = flags.DEFINE_integer("steps", 30, "Train steps of every point.")
+_ROUNDS = flags.DEFINE_integer("rounds", 8, "Interleaved rounds in this process, after one.")
 SWEEP = ["--sweep=distill.temperature=1,4", "--sweep=distill.alpha_ce=0.5,5"]
 CONFIG = """
 from experiments import tiny
@@ -53,6 +61,37 @@ def predicted_ratio(points: int = 4) -> tuple[float, float, float]:
   fused = perf.train_step_flops(fused_config, perf.full_rows(fused_config, 32, 128))
   separate = points * perf.train_step_flops(one, perf.full_rows(one, 32, 128))
   return fused, separate, fused / separate
+
+
+def seconds(run, times: int) -> float:
+  """Wall time of `run()` called `times` times."""
+  start = time.perf_counter()
+  for _ in range(times):
+    run()
+  return time.perf_counter() - start
+
+
+def interleaved_ratios(rounds: int, points: int = 4) -> list[float]:
+  """Fused / separate step time of each round: one fused step of `points` runs, then `points`
+  steps of one run, on the tiny shapes (full rows of 128, 15% masked)."""
+  teacher_config, teacher_params, student_config, student_params = step_setups.tiny_models()
+  one = distill_step.StepConfig(student=student_config, teacher=teacher_config,
+                                restrict_ce_to_mask=True, mse=False,
+                                max_predictions=distill_step.max_predictions(128, 0.15))
+  rng = np.random.default_rng(0)
+  ids = rng.integers(1000, teacher_config.vocab_size, (32, 128)).astype(np.int32)
+  labels = np.where(rng.random(ids.shape) < 0.15, ids, losses.IGNORE_INDEX).astype(np.int32)
+  batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": labels}
+  separate, _ = step_setups.compile_step(one, student_params, teacher_params, batch)
+  fused, _ = step_setups.compile_step(dataclasses.replace(one, num_runs=points),
+                                      stacked.stack([student_params] * points), teacher_params,
+                                      batch)
+  ratios = []
+  for i in range(rounds + 1):
+    fused_s, separate_s = seconds(fused, 1), seconds(separate, points)
+    if i:  # The first round warms up.
+      ratios.append(fused_s / separate_s)
+  return ratios
 
 
 def run_sweep(mode: str, config: pathlib.Path, workdir: pathlib.Path) -> dict[str, float]:
@@ -102,6 +141,10 @@ def main(argv) -> None:
   print(f"wall time, fused / separate: {fused['wall_s'] / separate['wall_s']:.2f} "
         f"({separate['wall_s'] - fused['wall_s']:.0f} s saved, of which start-up and compile: "
         f"{overhead(separate, 4) - overhead(fused, 1):.0f} s)")
+  ratios = sorted(interleaved_ratios(_ROUNDS.value))
+  print(f"\nin one process, interleaved ({len(ratios)} rounds): steady step time, fused / "
+        f"separate: median {ratios[len(ratios) // 2]:.2f} (from {ratios[0]:.2f} to "
+        f"{ratios[-1]:.2f})")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from distil_jax import data, distill_step, hf, models, optim, resources, sharding, student
+from distil_jax import data, distill_step, hf, models, optim, resources, sharding, stacked, student
 
 Models = tuple[models.ModelConfig, dict, models.ModelConfig, dict]  # Teacher's, then student's.
 
@@ -32,13 +32,17 @@ def compile_step(config: distill_step.StepConfig, student_params: dict,
                  teacher_params: dict | None, batch: Mapping[str, np.ndarray]
                  ) -> tuple[Callable[[], dict], float]:
   """Our train step on `batch` on all devices: (a function that runs one step, carrying the
-  state on, and returns its metrics when done; XLA's FLOP count of the step)."""
+  state on, and returns its metrics when done; XLA's FLOP count of the step). With
+  `config.num_runs`, `student_params` are stacked, and every run has the default `Hyper`."""
   mesh = sharding.make_mesh((-1, 1, 1))
   tx, _ = optim.make_optimizer(total_steps=100, lr_peak=1e-4, warmup_steps=0)
   state, teacher, train, _ = distill_step.prepare(config, {"student": student_params},
                                                    teacher_params, tx, mesh)
   global_batch = data.global_batch(dict(batch), sharding.batch_sharding(mesh))
   hyper = distill_step.Hyper()
+  if config.num_runs:
+    one = distill_step.Hyper(*jax.tree.map(np.float32, hyper[:2]), np.int32(hyper.seed))
+    hyper = stacked.stack([one] * config.num_runs)
   proceed = jnp.asarray(True)  # The step's last argument (`optim.proceed_optional`).
   flops = train.lower(state, teacher, global_batch, hyper, proceed).compile().cost_analysis()[
       "flops"]

@@ -21,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
-from distil_jax import losses, models, optim, sharding
+from distil_jax import attention, losses, models, optim, sharding
 
 PyTree = dict
 RUNS_AXIS = "runs"  # The vmapped axis of a stack of runs.
@@ -45,6 +45,9 @@ class StepConfig:
   # Positions whose logits (student's and teacher's) are made at a time in the losses, each
   # chunk's recomputed in the backward pass (`losses.logit_sums`); 0: all at once, and stored.
   logit_chunk: int = 0
+  # The teacher's attention by the TPU kernel `attention.flash_attention` when the mesh is TPUs
+  # (and the rows' length `attention.fits_blocks`).
+  teacher_flash_attention: bool = True
 
 
 class Hyper(NamedTuple):
@@ -103,7 +106,10 @@ def _teacher_outputs(config: StepConfig, teacher_params: PyTree | None, batch: P
   if config.teacher is None:
     return None
   pinned = None if mesh is None else sharding.batch_sharding(mesh)
-  t = jax.lax.stop_gradient(models.Encoder(config.teacher, pinned).apply(
+  flash = (config.teacher_flash_attention and mesh is not None
+           and mesh.devices.flat[0].platform == "tpu"
+           and attention.fits_blocks(batch["input_ids"].shape[1]))
+  t = jax.lax.stop_gradient(models.Encoder(config.teacher, pinned, flash).apply(
       {"params": teacher_params}, batch["input_ids"], batch["attention_mask"],
       logit_positions=positions, project=not lazy))
   return losses.Outputs(_logits(config.teacher, teacher_params, t, lazy), t.hidden_states[-1])

@@ -20,8 +20,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
-from distil_jax import errors
+from distil_jax import attention, errors
 
 Array = jax.Array
 
@@ -182,34 +183,40 @@ softmax_kept_in.defvjp(_softmax_forward, _softmax_backward)
 
 class SelfAttention(nn.Module):
   """Multi-head self-attention within segments (`attention_keep`); scores and softmax in
-  float32, the probabilities kept in the compute dtype (`softmax_kept_in`)."""
+  float32, the probabilities kept in the compute dtype (`softmax_kept_in`). With `flash_mesh`,
+  the TPU kernel `attention.flash_attention` on that mesh instead (no dropout)."""
   config: ModelConfig
+  flash_mesh: Mesh | None = None
 
   @nn.compact
-  def __call__(self, x: Array, keep: Array, deterministic: bool) -> Array:
+  def __call__(self, x: Array, segments: Array, keep: Array, deterministic: bool) -> Array:
     c = self.config
     heads = (c.num_heads, c.head_dim)
     q, k, v = (_dense(c, heads, ("embed", "heads", "kv"), name)(x)
                for name in ("query", "key", "value"))
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k,
-                        preferred_element_type=jnp.float32) / np.sqrt(c.head_dim)
-    scores = jnp.where(keep, scores, jnp.finfo(jnp.float32).min)
-    probs = softmax_kept_in(scores, v.dtype)
-    probs = nn.Dropout(c.attention_dropout)(probs, deterministic=deterministic)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+    if self.flash_mesh is not None:
+      out = attention.flash_attention(q, k, v, segments, self.flash_mesh)
+    else:
+      scores = jnp.einsum("bqhd,bkhd->bhqk", q, k,
+                          preferred_element_type=jnp.float32) / np.sqrt(c.head_dim)
+      scores = jnp.where(keep, scores, jnp.finfo(jnp.float32).min)
+      probs = softmax_kept_in(scores, v.dtype)
+      probs = nn.Dropout(c.attention_dropout)(probs, deterministic=deterministic)
+      out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
     return _dense(c, c.hidden_size, ("heads", "kv", "embed"), "out", axis=(-2, -1))(out)
 
 
 class EncoderLayer(nn.Module):
   """Post-LN transformer block: x = LN(x + attn(x)); x = LN(x + mlp(x))."""
   config: ModelConfig
+  flash_mesh: Mesh | None = None  # As `SelfAttention`'s.
 
   @nn.compact
-  def __call__(self, x: Array, keep: Array, deterministic: bool) -> Array:
+  def __call__(self, x: Array, segments: Array, keep: Array, deterministic: bool) -> Array:
     c = self.config
     dropout = lambda y: nn.Dropout(c.hidden_dropout)(y, deterministic=deterministic)
-    x = _layer_norm(c, "attention_norm")(
-        x + dropout(SelfAttention(c, name="attention")(x, keep, deterministic)))
+    attend = SelfAttention(c, self.flash_mesh, name="attention")
+    x = _layer_norm(c, "attention_norm")(x + dropout(attend(x, segments, keep, deterministic)))
     h = _gelu(_dense(c, c.intermediate_size, ("embed", "mlp"), "fc1")(x))
     h = _dense(c, c.hidden_size, ("mlp", "embed"), "fc2")(h)
     return _layer_norm(c, "mlp_norm")(x + dropout(h))
@@ -247,13 +254,17 @@ class Encoder(nn.Module):
   vocabulary projection dominates a small model's FLOPs, and the losses often need only the
   masked positions. `activation_sharding` (e.g. batch over the data-parallel mesh axes) pins the
   residual stream between layers, so that XLA does not shard it like the parameters.
+  `flash_attention` computes the attention with the TPU kernel `attention.flash_attention` on
+  `activation_sharding`'s mesh: deterministic passes only, as it has no dropout.
   """
   config: ModelConfig
-  activation_sharding: jax.sharding.Sharding | None = None
+  activation_sharding: jax.sharding.NamedSharding | None = None
+  flash_attention: bool = False
 
   def setup(self):
     self.embeddings = Embeddings(self.config)
-    self.layers = [EncoderLayer(self.config, name=f"layer_{i}")
+    flash_mesh = self.activation_sharding.mesh if self.flash_attention else None
+    self.layers = [EncoderLayer(self.config, flash_mesh, name=f"layer_{i}")
                    for i in range(self.config.num_layers)]
     self.mlm_head = MlmHead(self.config)
 
@@ -262,6 +273,9 @@ class Encoder(nn.Module):
     """The output of the embeddings and of every layer, without the MLM head.
 
     `attention_mask` holds segment ids (module docstring)."""
+    if self.flash_attention and not deterministic and self.config.attention_dropout:
+      raise errors.ConfigError("the flash attention kernel has no dropout: it serves "
+                               "deterministic passes (the teacher's) only")
     pin = lambda y: y if self.activation_sharding is None else jax.lax.with_sharding_constraint(
         y, self.activation_sharding)
     x = pin(self.embeddings(input_ids, token_type_ids, segment_positions(attention_mask),
@@ -269,7 +283,7 @@ class Encoder(nn.Module):
     keep = attention_keep(attention_mask)
     hidden_states = [x]
     for layer in self.layers:
-      x = pin(layer(x, keep, deterministic))
+      x = pin(layer(x, attention_mask, keep, deterministic))
       hidden_states.append(x)
     return tuple(hidden_states)
 

@@ -163,7 +163,8 @@ def step_config(configs: Sequence[ml_collections.ConfigDict], model: models.Mode
       accum_steps=accum_steps or config.accum_steps, frozen=tuple(config.optim.frozen),
       num_runs=len(configs) if len(configs) > 1 else 0,
       mse=any(c.distill.alpha_mse for c in configs),
-      stop_together=config.on_nonfinite == "stop", logit_chunk=config.distill.logit_chunk)
+      stop_together=config.on_nonfinite == "stop", logit_chunk=config.distill.logit_chunk,
+      teacher_flash_attention=config.distill.teacher_flash_attention)
 
 
 def lowered(configs: Sequence[ml_collections.ConfigDict], model: models.ModelConfig,

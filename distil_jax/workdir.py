@@ -39,7 +39,7 @@ RESUMABLE_CHANGES = ("log_every_steps", "eval_every_steps", "eval_batches",
                      "checkpoint_every_steps", "keep_checkpoints", "export", "fill_mask",
                      "mesh_shape", "accum_steps", "on_nonfinite", "max_skipped_steps",
                      "data.read_threads", "data.data_dir", "data.tfds_data_dir",
-                     "data.eval_batch_size")
+                     "data.eval_batch_size", "distill.teacher_flash_attention")
 
 
 class WorkdirError(errors.UserError, ValueError):

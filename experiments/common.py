@@ -46,6 +46,9 @@ def get_config() -> config_dict.ConfigDict:
   # chunk's recomputed in the backward pass: no [rows, positions, vocab] float32 array stored
   # whole. 0: every position at once.
   config.distill.logit_chunk = 0
+  # On a TPU, the frozen teacher's attention in one Pallas kernel (flash attention): its scores
+  # and probabilities never in HBM. Elsewhere, and for the student (dropout), XLA's attention.
+  config.distill.teacher_flash_attention = True
 
   config.optim = config_dict.ConfigDict()
   config.optim.lr_peak = 5e-4
