@@ -6,10 +6,10 @@ r"""Compiles an experiment's train and eval steps for a TPU slice, on any machin
 The real TPU compiler builds the steps that `main` would run on the slice (a fused sweep group of
 `--runs` runs with --runs), from the teacher's config.json alone: no weights, no data. Prints, per
 chip: the memory the compiler assigns (arguments, outputs, temporaries, code) against the chip's
-usable HBM, XLA's FLOPs and bytes of a step (its loops counted as many times as they run), the
-roofline bound, the best-case MFU and tokens/s at it (`tpu.Report`: a bound, not a measurement). A
-program that does not fit ends in one FATAL line naming the smallest accum_steps that does. The
-slices: `distil_jax.tpu.SLICES`; docs/tpu.md.
+usable HBM, XLA's FLOPs and bytes of a step (the micro-batch loop counted as many times as it
+runs), the roofline bound, the best-case MFU and tokens/s at it (`tpu.Report`: a bound, not a
+measurement). A program that does not fit ends in one FATAL line naming the smallest
+accum_steps that does. The slices: `distil_jax.tpu.SLICES`; docs/tpu.md.
 """
 
 import json
@@ -42,17 +42,11 @@ def compile_for_slice(config: ml_collections.ConfigDict, slice_name: str, runs: 
   tokens = config.data.batch_size * config.data.max_len
   useful = perf.train_step_flops(step, perf.full_rows(step, config.data.batch_size,
                                                       config.data.max_len)) / chips
-  cost = lambda name: tpu.Cost.of(build(programs[name]))
-  # The micro-batch loop; inside it, a fused group's runs one after another after what they share.
-  train_loops = [(step.accum_steps, cost("update"))]
-  eval_loops = [(step.accum_steps, tpu.Cost(0, 0))]
-  if step.num_runs:
-    train_loops.append((step.num_runs, cost("shared")))
-    eval_loops.append((step.num_runs, cost("eval_shared")))
   return {
-      "train": tpu.analyze(compiled_train, slice_name, loops=train_loops, useful_flops=useful,
-                           tokens_per_step=tokens),
-      "eval": tpu.analyze(build(programs["eval"]), slice_name, loops=eval_loops),
+      "train": tpu.analyze(compiled_train, slice_name, loop_trips=step.accum_steps,
+                           loop_free_cost=tpu.Cost.of(build(programs["update"])),
+                           useful_flops=useful, tokens_per_step=tokens),
+      "eval": tpu.analyze(build(programs["eval"]), slice_name, loop_trips=step.accum_steps),
   }
 
 

@@ -162,8 +162,7 @@ def _per_run(config: StepConfig, fn, num_stacked: int, num_args: int, in_turn: b
 
   Vmapped, with the axis named `RUNS_AXIS` for collectives across runs; or `in_turn`, one run
   after another (`lax.map`): each run's matmuls are then a single run's, and only one run's
-  activations are live at a time, which is what the models' forward and backward passes want
-  (on XLA:CPU a vmapped run's matmuls are slower than the runs' one by one)."""
+  activations are live at a time (`runs_in_turn` says where the models' passes take turns)."""
   if not config.num_runs:
     return fn
   if in_turn:
@@ -171,6 +170,16 @@ def _per_run(config: StepConfig, fn, num_stacked: int, num_args: int, in_turn: b
                                      args[:num_stacked])
   return jax.vmap(fn, in_axes=(0,) * num_stacked + (None,) * (num_args - num_stacked),
                   axis_name=RUNS_AXIS)
+
+
+def runs_in_turn(mesh: Mesh | None) -> bool:
+  """Whether a stack's student passes take turns (on the CPU) or are vmapped (on accelerators).
+
+  On XLA:CPU vmapped matmuls are slower than the runs' one by one: 4 tiny runs' step took 1.05x
+  the time of 4 separate steps vmapped, 0.73x in turn (docs/sweeps.md). On a TPU, XLA's count
+  for bert_base on a v4-32 gives the opposite (4 runs vmapped 0.93x the HBM bytes of 4 separate
+  programs, in turn 1.19x), though in turn needs half the memory (docs/tpu.md)."""
+  return mesh is None or mesh.devices.flat[0].platform == "cpu"
 
 
 def shared_outputs(config: StepConfig, teacher_params: PyTree | None, micro_batch: PyTree,
@@ -201,8 +210,9 @@ def train_step(state: PyTree, teacher_params: PyTree | None, batch: PyTree, hype
 
   Micro-batch losses are weighted by their share of each loss part's positions, so the update
   equals the one on the whole batch at once. With `config.num_runs`, `state`, `hyper` and the
-  returned metrics have a leading runs axis: the teacher runs once per micro-batch, then each
-  run's student forward and backward in turn; the update is vmapped over the runs.
+  returned metrics have a leading runs axis: the teacher runs once per micro-batch for all runs,
+  the students' forward and backward passes are vmapped or take turns (`runs_in_turn`), and the
+  update is vmapped.
   """
   totals = _counts(*_logit_targets(config, batch)[1:], batch["attention_mask"])
 
@@ -211,7 +221,7 @@ def train_step(state: PyTree, teacher_params: PyTree | None, batch: PyTree, hype
         jax.random.key(hyper.seed), step), i)
     return jax.grad(_micro_loss, has_aux=True)(params, teacher, micro_batch, targets,
                                                hyper.weights, totals, rng, config, mesh)
-  run_grads = _per_run(config, run_grads, 3, 7, in_turn=True)
+  run_grads = _per_run(config, run_grads, 3, 7, in_turn=runs_in_turn(mesh))
 
   def micro_grads(micro_batch, i):
     targets, teacher = shared_outputs(config, teacher_params, micro_batch, mesh)
@@ -263,7 +273,7 @@ def eval_step(params: PyTree, teacher_params: PyTree | None, batch: PyTree, *,
       sums["agreement"] = losses.top1_agreement(student.logits, teacher.logits, valid) * count
       sums["kl"] = losses.kd_loss(student.logits, teacher.logits, valid, 1.0) * count
     return sums
-  run_sums = _per_run(config, run_sums, 1, 4, in_turn=True)
+  run_sums = _per_run(config, run_sums, 1, 4, in_turn=runs_in_turn(mesh))
 
   def micro_sums(micro_batch):
     targets, teacher = shared_outputs(config, teacher_params, micro_batch, mesh)
@@ -331,9 +341,7 @@ def lower(config: StepConfig, tx: optax.GradientTransformation, mesh: Mesh, batc
           seq_len: int, projection: bool = False) -> dict[str, jax.stages.Lowered]:
   """The train step, the eval step and the optimizer update alone (`optim.apply_update`, what
   runs outside the micro-batch loop), lowered for `mesh` on the shapes of a global batch of
-  `batch_size` rows of `seq_len`: nothing is allocated, `.compile()` gives the real programs.
-  With `config.num_runs`, also each step's `shared_outputs` of a micro-batch alone ("shared",
-  "eval_shared"), what the micro-batch loop holds besides its loop over the runs."""
+  `batch_size` rows of `seq_len`: nothing is allocated, `.compile()` gives the real programs."""
   student = nn.meta.unbox(models.abstract_params(config.student))
   params = {"student": student}
   if projection:
@@ -363,16 +371,9 @@ def lower(config: StepConfig, tx: optax.GradientTransformation, mesh: Mesh, batc
   train, evaluate = jit_steps(config, tx, mesh, state_shardings, teacher_shardings)
   update = functools.partial(optim.apply_update, tx=tx, frozen=config.frozen)
   update = jax.jit(_per_run(config, update, 4, 4), donate_argnums=0)
-  programs = {"train": train.lower(state, teacher, batch, hyper, proceed),
-              "eval": evaluate.lower(state["params"], teacher, batch),
-              "update": update.lower(state, state["params"], hyper.lr_scale, scalar(jnp.float32))}
-  if config.num_runs:
-    micro_batch = {k: jax.ShapeDtypeStruct((batch_size // config.accum_steps, seq_len), x.dtype,
-                                           sharding=x.sharding) for k, x in batch.items()}
-    for name, step_config in ("shared", config), ("eval_shared", eval_config(config)):
-      programs[name] = jax.jit(functools.partial(shared_outputs, step_config, mesh=mesh)).lower(
-          teacher, micro_batch)
-  return programs
+  return {"train": train.lower(state, teacher, batch, hyper, proceed),
+          "eval": evaluate.lower(state["params"], teacher, batch),
+          "update": update.lower(state, state["params"], hyper.lr_scale, scalar(jnp.float32))}
 
 
 def prepare(config: StepConfig, params: PyTree, teacher_params: PyTree | None,

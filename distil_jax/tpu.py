@@ -25,7 +25,6 @@ import os
 import re
 import sys
 import tempfile
-from collections.abc import Sequence
 
 import jax
 from absl import logging
@@ -216,32 +215,22 @@ class Cost:
     return cls(float(analysis.get("flops", 0)), float(analysis.get("bytes accessed", 0)))
 
 
-Loop = tuple[int, Cost]  # (trips, the cost of what the loop's enclosing body holds besides it)
+def loop_corrected(total: Cost, loop_free: Cost, trips: int) -> Cost:
+  """The cost of a program whose loop runs `trips` times, from XLA's `total`, which counts the
+  loop's body once (a `lax.scan` over micro-batches), and the cost of the rest alone (e.g. the
+  optimizer update after the loop): total + (trips - 1) * (total - loop_free).
 
-
-def loop_corrected(total: Cost, loops: Sequence[Loop]) -> Cost:
-  """The cost of a program with nested loops, from XLA's `total`, which counts each loop's body
-  once. `loops`, outermost first: each loop's trips and the cost, compiled alone, of what its
-  enclosing body (the program, for the first) holds besides it. One loop, e.g. a `lax.scan` over
-  micro-batches then the optimizer update U: total + (trips - 1) * (total - U). Inside it, the
-  runs of a fused sweep one after another (`lax.map`), after the teacher's forward T: the
-  micro-batch's body, (total - U), becomes T + runs * (total - U - T).
-
-  FLOPs do not depend on how XLA fuses ops, so this recovers them; bytes do, and a part compiled
-  alone fuses differently, so the corrected bytes are an estimate of the loops' traffic.
+  FLOPs do not depend on how XLA fuses ops, so this recovers them; bytes do, and the loop-free
+  part fuses differently alone, so the corrected bytes are an estimate of the loop's traffic.
   """
-  if not loops:
-    return total
-  (trips, outside), inner = loops[0], loops[1:]
   if trips < 1:
     raise errors.ConfigError(f"a loop runs at least once, not {trips} times")
-  body = Cost(total.flops - outside.flops, total.bytes_accessed - outside.bytes_accessed)
+  body = Cost(total.flops - loop_free.flops, total.bytes_accessed - loop_free.bytes_accessed)
   if body.flops < 0 or body.bytes_accessed < 0:
-    raise errors.ConfigError(f"the part of the program outside a loop ({outside}) costs more "
-                             f"than the whole ({total})")
-  body = loop_corrected(body, inner)
-  return Cost(outside.flops + trips * body.flops,
-              outside.bytes_accessed + trips * body.bytes_accessed)
+    raise errors.ConfigError(f"the loop-free part of the program ({loop_free}) costs more than "
+                             f"the whole ({total})")
+  return Cost(total.flops + (trips - 1) * body.flops,
+              total.bytes_accessed + (trips - 1) * body.bytes_accessed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -318,17 +307,18 @@ class Report:
     return dataclasses.asdict(self) | {k: getattr(self, k) for k in derived}
 
 
-def analyze(compiled: jax.stages.Compiled, name: str, *, loops: Sequence[Loop] = (),
-            useful_flops: float | None = None, tokens_per_step: float | None = None) -> Report:
+def analyze(compiled: jax.stages.Compiled, name: str, *, loop_trips: int = 1,
+            loop_free_cost: Cost | None = None, useful_flops: float | None = None,
+            tokens_per_step: float | None = None) -> Report:
   """The `Report` of a program compiled for slice `name`.
 
-  A program with loops (gradient accumulation; a fused sweep's runs one after another) needs
-  them as `loop_corrected` takes them, the parts outside each compiled alone (`Cost.of`).
-  `useful_flops` (per chip and step) gives the MFU, `tokens_per_step` the tokens/s.
+  A program with a loop of `loop_trips` trips (gradient accumulation) needs `loop_free_cost`,
+  the cost of its part outside the loop compiled alone (`Cost.of`), unless all of it is the
+  loop. `useful_flops` (per chip and step) gives the MFU, `tokens_per_step` the tokens/s.
   """
   s = get_slice(name)
   memory = compiled.memory_analysis()
-  cost = loop_corrected(Cost.of(compiled), loops)
+  cost = loop_corrected(Cost.of(compiled), loop_free_cost or Cost(0, 0), loop_trips)
   return Report(
       slice_name=s.name, chips=s.chips, argument_bytes=memory.argument_size_in_bytes,
       output_bytes=memory.output_size_in_bytes, alias_bytes=memory.alias_size_in_bytes,

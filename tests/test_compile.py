@@ -29,6 +29,14 @@ def test_a_tiny_run_compiles_for_a_slice(bert_dir, corpus, slice_name, devices, 
   assert train.flops > 2 * reports["eval"].flops
 
 
+def test_a_fused_group_shares_the_teacher_on_a_slice(bert_dir, corpus):
+  """Two runs fused for a v5e-8 (vmapped there, `distill_step.runs_in_turn`): more FLOPs than one
+  run, fewer than two, as the teacher's forward is shared."""
+  config = runs.config(bert_dir, corpus, **{"data.batch_size": 32})
+  one, two = (compile_command.compile_for_slice(config, "v5e-8", n)["train"] for n in (1, 2))
+  assert two.fits and one.flops < two.flops < 2 * one.flops
+
+
 def test_a_program_too_big_for_its_slice_ends_in_one_fatal_line(bert_dir, corpus):
   """Logits of 2048 rows per chip (about 19 GiB): the compiler refuses them on a v5e chip's 16
   GiB, and the command compiles with more micro-batches until one fits (here the first: 2)."""

@@ -104,7 +104,7 @@ def test_loop_correction_matches_the_analytic_and_unrolled_flops():
 
   cost = lambda f: tpu.Cost.of(tpu.compile(jax.jit(f).lower(a, a), "v5e-1"))
   whole, after_loop = cost(scanned), cost(lambda c, w: c @ w)
-  corrected = tpu.loop_corrected(whole, [(k, after_loop)])
+  corrected = tpu.loop_corrected(whole, after_loop, k)
   matmul_flops = (k + 1) * 2 * n**3
   assert whole.flops == pytest.approx(2 * 2 * n**3, rel=0.01)  # The body, once, and the last.
   assert corrected.flops == pytest.approx(matmul_flops, rel=0.01)
@@ -113,39 +113,9 @@ def test_loop_correction_matches_the_analytic_and_unrolled_flops():
   # whole program falls short of that, the corrected count does not (nor twice it).
   least_traffic = (k + 1) * 3 * n * n * 4
   assert whole.bytes_accessed < least_traffic <= corrected.bytes_accessed < 2 * least_traffic
-  assert tpu.loop_corrected(whole, [(1, after_loop)]) == whole
+  assert tpu.loop_corrected(whole, after_loop, 1) == whole
   with pytest.raises(errors.ConfigError, match="costs more than the whole"):
-    tpu.loop_corrected(after_loop, [(k, whole)])
-
-
-def test_nested_loops_are_corrected_inside_out():
-  """A fused group's shape: k micro-batches in a scan, each one shared matmul (the teacher's),
-  then r runs' matmuls one after another (a `lax.map`); one matmul after the scan."""
-  n, k, r = 256, 4, 3
-  mesh = sharding.make_mesh((1, 1, 1), devices=tpu.devices("v5e-1"))
-  c, w, ws = abstract((n, n), mesh), abstract((n, n), mesh), abstract((r, n, n), mesh)
-
-  def micro(c, w, ws):
-    shared = jnp.tanh(c @ w)
-    return jnp.sum(lax.map(lambda v: jnp.tanh(shared @ v), ws), axis=0)
-
-  def nested(c, w, ws):
-    c, _ = lax.scan(lambda c, _: (micro(c, w, ws), None), c, None, length=k)
-    return c @ w
-
-  def unrolled(c, w, ws):
-    for _ in range(k):
-      shared = jnp.tanh(c @ w)
-      c = sum(jnp.tanh(shared @ ws[i]) for i in range(r))
-    return c @ w
-
-  cost = lambda f, *args: tpu.Cost.of(tpu.compile(jax.jit(f).lower(*args), "v5e-1"))
-  whole = cost(nested, c, w, ws)
-  loops = [(k, cost(lambda c, w: c @ w, c, w)), (r, cost(lambda c, w: jnp.tanh(c @ w), c, w))]
-  corrected = tpu.loop_corrected(whole, loops)
-  assert whole.flops == pytest.approx(3 * 2 * n**3, rel=0.02)  # Each matmul once.
-  assert corrected.flops == pytest.approx((k * (1 + r) + 1) * 2 * n**3, rel=0.02)
-  assert corrected.flops == pytest.approx(cost(unrolled, c, w, ws).flops, rel=0.02)
+    tpu.loop_corrected(after_loop, whole, k)
 
 
 D, H, ACCUM, BATCH = 512, 1024, 4, 1024  # Features, hidden units, micro-batches, rows in each.
@@ -187,8 +157,8 @@ def test_mlp_train_step(name, chips):
   rows = BATCH // chips  # Of each micro-batch, on each chip.
   # Forward 2 matmuls, backward 3 (no gradient for the input): 2 * rows * D * H FLOPs each.
   model_flops = ACCUM * 5 * 2 * rows * D * H
-  report = tpu.analyze(step, name, loops=[(ACCUM, after_loop)], useful_flops=model_flops,
-                       tokens_per_step=ACCUM * BATCH)
+  report = tpu.analyze(step, name, loop_trips=ACCUM, loop_free_cost=after_loop,
+                       useful_flops=model_flops, tokens_per_step=ACCUM * BATCH)
 
   weights = 2 * D * H * 4  # Both matrices, f32, on every chip; the momentum as much again.
   assert report.argument_bytes == 2 * weights + 2 * ACCUM * rows * D * 4
@@ -219,7 +189,7 @@ def test_unrolled_step_costs_what_the_corrected_scan_does():
 
   cost = lambda f, *args: tpu.Cost.of(tpu.compile(jax.jit(f).lower(*args), name))
   corrected = tpu.loop_corrected(cost(train_step, params, state, xs, xs),
-                                 [(ACCUM, cost(update, params, state, params))])
+                                 cost(update, params, state, params), ACCUM)
   assert corrected.flops == pytest.approx(cost(unrolled, params, state, xs, xs).flops, rel=0.03)
 
 
