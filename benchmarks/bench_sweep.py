@@ -25,11 +25,10 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 from absl import app, flags
 
 from benchmarks import step_setups
-from distil_jax import distill_step, hf, losses, perf, resources, stacked
+from distil_jax import distill_step, hf, perf, resources, stacked
 
 _STEPS = flags.DEFINE_integer("steps", 30, "Train steps of every point.")
 _ROUNDS = flags.DEFINE_integer("rounds", 8, "Interleaved rounds in this process, after one.")
@@ -63,35 +62,22 @@ def predicted_ratio(points: int = 4) -> tuple[float, float, float]:
   return fused, separate, fused / separate
 
 
-def seconds(run, times: int) -> float:
-  """Wall time of `run()` called `times` times."""
-  start = time.perf_counter()
-  for _ in range(times):
-    run()
-  return time.perf_counter() - start
-
-
 def interleaved_ratios(rounds: int, points: int = 4) -> list[float]:
   """Fused / separate step time of each round: one fused step of `points` runs, then `points`
-  steps of one run, on the tiny shapes (full rows of 128, 15% masked)."""
+  steps of one run, on the tiny shapes (full rows of 128 real tokens, 15% masked), after one
+  round."""
   teacher_config, teacher_params, student_config, student_params = step_setups.tiny_models()
   one = distill_step.StepConfig(student=student_config, teacher=teacher_config,
                                 restrict_ce_to_mask=True, mse=False,
                                 max_predictions=distill_step.max_predictions(128, 0.15))
-  rng = np.random.default_rng(0)
-  ids = rng.integers(1000, teacher_config.vocab_size, (32, 128)).astype(np.int32)
-  labels = np.where(rng.random(ids.shape) < 0.15, ids, losses.IGNORE_INDEX).astype(np.int32)
-  batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": labels}
+  batch = step_setups.real_token_batch(32, 128, teacher_config.vocab_size)
   separate, _ = step_setups.compile_step(one, student_params, teacher_params, batch)
   fused, _ = step_setups.compile_step(dataclasses.replace(one, num_runs=points),
                                       stacked.stack([student_params] * points), teacher_params,
                                       batch)
-  ratios = []
-  for i in range(rounds + 1):
-    fused_s, separate_s = seconds(fused, 1), seconds(separate, points)
-    if i:  # The first round warms up.
-      ratios.append(fused_s / separate_s)
-  return ratios
+  separately = lambda: [separate() for _ in range(points)]
+  fused_s, separate_s = step_setups.alternate([fused, separately], rounds, warmup=1)
+  return [f / s for f, s in zip(fused_s, separate_s, strict=True)]
 
 
 def run_sweep(mode: str, config: pathlib.Path, workdir: pathlib.Path) -> dict[str, float]:

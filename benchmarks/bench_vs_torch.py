@@ -15,7 +15,7 @@ import dataclasses
 import statistics
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -24,7 +24,6 @@ from absl import app, flags
 
 from benchmarks import step_setups, torch_reference
 from distil_jax import distill_step, perf
-from distil_jax.data import masking
 
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed steps of each framework, alternating.")
 _WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed steps of each before.")
@@ -33,20 +32,9 @@ _SHAPES = flags.DEFINE_list("shapes", ["tiny", "bert-base"], "Shapes to run.")
 SHAPES = {"tiny": (step_setups.tiny_models, 16, 128),
           "bert-base": (step_setups.bert_base_models, 4, 128)}
 CE_ON_MASKED_ONLY = {"every real token": False, "masked only": True}
-SPECIAL_IDS, MASK_ID, FIRST_WORD_ID = (0, 100, 101, 102, 103), 103, 1000  # BERT's uncased vocab.
 FORMATS = {"L_ce on": "{}", "ours tokens/s": "{:,.0f}", "torch tokens/s": "{:,.0f}",
            "ours/torch": "{:.2f}x", "GFLOP/token": "{:.2f}", "ours MFU": "{:.1%}",
            "torch MFU": "{:.1%}"}
-
-
-def real_token_batch(batch_size: int, seq_len: int, vocab_size: int, seed: int = 0) -> dict:
-  """Random word tokens, no padding, 15% of them chosen for MLM as the data pipeline does."""
-  ids = np.random.default_rng(seed).integers(FIRST_WORD_ID, vocab_size, (batch_size, seq_len))
-  attention_mask = np.ones_like(ids, np.int32)
-  input_ids, labels = masking.mask_tokens(ids, attention_mask, rng_seed=seed, step=0,
-                                          vocab_size=vocab_size, special_ids=SPECIAL_IDS,
-                                          mask_id=MASK_ID)
-  return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
 def torch_matmul_flops(n: int = 2048, repeats: int = 3, trials: int = 3) -> float:
@@ -61,25 +49,11 @@ def torch_matmul_flops(n: int = 2048, repeats: int = 3, trials: int = 3) -> floa
   return best
 
 
-def alternate(steps: Sequence[Callable[[], object]], repeats: int, warmup: int) -> list[float]:
-  """Median seconds of each of `steps`, run in turn `warmup` then `repeats` times."""
-  for _ in range(warmup):
-    for run in steps:
-      run()
-  seconds = [[] for _ in steps]
-  for _ in range(repeats):
-    for run, times in zip(steps, seconds, strict=True):
-      start = time.perf_counter()
-      run()
-      times.append(time.perf_counter() - start)
-  return [statistics.median(times) for times in seconds]
-
-
 def measure(shape: str, repeats: int, warmup: int, peaks: tuple[float, float]) -> list[dict]:
   """A row per L_ce variant: both steps' tokens/s at `shape`, FLOPs per token and MFUs."""
   build, batch_size, seq_len = SHAPES[shape]
   teacher_config, teacher_params, student_config, student_params = build()
-  batch = real_token_batch(batch_size, seq_len, teacher_config.vocab_size)
+  batch = step_setups.real_token_batch(batch_size, seq_len, teacher_config.vocab_size)
   tokens = batch_size * seq_len
   masked_per_row = round(float(np.mean(np.sum(batch["labels"] != -100, axis=1))))
   teacher = torch_reference.from_flax(teacher_config, teacher_params)
@@ -92,7 +66,8 @@ def measure(shape: str, repeats: int, warmup: int, peaks: tuple[float, float]) -
         mse=False)  # alpha_mse is 0: neither step computes L_mse.
     ours, _ = step_setups.compile_step(config, student_params, teacher_params, batch)
     reference = torch_reference.Distiller(teacher, student, restrict_ce_to_mask=masked_only)
-    ours_s, torch_s = alternate([ours, lambda r=reference: r.step(batch)], repeats, warmup)
+    ours_s, torch_s = map(statistics.median, step_setups.alternate(
+        [ours, lambda r=reference: r.step(batch)], repeats, warmup))
     counted = dataclasses.replace(config, max_predictions=masked_per_row)
     useful = perf.train_step_flops(counted, perf.full_rows(counted, batch_size, seq_len)) / tokens
     rows.append({"shape": f"{shape} {batch_size}x{seq_len}", "L_ce on": ce_on,

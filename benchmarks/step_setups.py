@@ -1,5 +1,7 @@
-"""What the step benchmarks share: their teachers and students, the compiled step, the table."""
+"""What the step benchmarks share: their teachers and students, a batch, the compiled step, timing
+in alternation, the table."""
 
+import time
 from collections.abc import Callable, Mapping, Sequence
 
 import jax
@@ -7,7 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from distil_jax import data, distill_step, hf, models, optim, resources, sharding, stacked, student
+from distil_jax.data import masking
 
+SPECIAL_IDS, MASK_ID, FIRST_WORD_ID = (0, 100, 101, 102, 103), 103, 1000  # BERT's uncased vocab.
 Models = tuple[models.ModelConfig, dict, models.ModelConfig, dict]  # Teacher's, then student's.
 
 
@@ -52,6 +56,32 @@ def compile_step(config: distill_step.StepConfig, student_params: dict,
     state, metrics = train(state, teacher, global_batch, hyper)
     return jax.block_until_ready(metrics)
   return run, flops
+
+
+def real_token_batch(batch_size: int, seq_len: int, vocab_size: int, seed: int = 0) -> dict:
+  """Random word tokens, no padding, 15% of them chosen for MLM as the data pipeline does."""
+  ids = np.random.default_rng(seed).integers(FIRST_WORD_ID, vocab_size, (batch_size, seq_len))
+  attention_mask = np.ones_like(ids, np.int32)
+  input_ids, labels = masking.mask_tokens(ids, attention_mask, rng_seed=seed, step=0,
+                                          vocab_size=vocab_size, special_ids=SPECIAL_IDS,
+                                          mask_id=MASK_ID)
+  return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def alternate(steps: Sequence[Callable[[], object]], repeats: int, warmup: int
+              ) -> list[list[float]]:
+  """Seconds of each of `steps` in each of `repeats` rounds, the steps run in turn in every
+  round (after `warmup` rounds): a machine's drift reaches every step alike."""
+  for _ in range(warmup):
+    for run in steps:
+      run()
+  seconds = [[] for _ in steps]
+  for _ in range(repeats):
+    for run, times in zip(steps, seconds, strict=True):
+      start = time.perf_counter()
+      run()
+      times.append(time.perf_counter() - start)
+  return seconds
 
 
 def markdown_table(rows: Sequence[dict], formats: Mapping[str, str]) -> str:
