@@ -177,7 +177,7 @@ def runs_in_turn(mesh: Mesh | None) -> bool:
 
   On XLA:CPU vmapped matmuls are slower than the runs' one by one: 4 tiny runs' step took 1.05x
   the time of 4 separate steps vmapped, 0.73x in turn (docs/sweeps.md). On a TPU, XLA's count
-  for bert_base on a v4-32 gives the opposite (4 runs vmapped 0.93x the HBM bytes of 4 separate
+  for bert_base on a v4-32 gives the opposite (4 runs vmapped 0.99x the HBM bytes of 4 separate
   programs, in turn 1.19x), though in turn needs half the memory (docs/tpu.md)."""
   return mesh is None or mesh.devices.flat[0].platform == "cpu"
 
