@@ -45,9 +45,11 @@ class StepConfig:
   # Positions whose logits (student's and teacher's) are made at a time in the losses, each
   # chunk's recomputed in the backward pass (`losses.logit_sums`); 0: all at once, and stored.
   logit_chunk: int = 0
-  # The teacher's attention by the TPU kernel `attention.flash_attention` when the mesh is TPUs
-  # (and the rows' length `attention.fits_blocks`).
+  # The teacher's and the student's attention by the TPU kernel `attention.flash_attention` when
+  # the mesh is TPUs (and the rows' length `attention.fits_blocks`). The student's kernel draws
+  # its own dropout masks: another random stream than XLA's attention, the same distribution.
   teacher_flash_attention: bool = True
+  student_flash_attention: bool = True
 
 
 class Hyper(NamedTuple):
@@ -99,6 +101,13 @@ def _logits(model: models.ModelConfig, params: PyTree, out: models.EncoderOutput
   return losses.LazyLogits(out.logits, lambda f: models.mlm_logits(model, params, f))
 
 
+def _flash(enabled: bool, batch: PyTree, mesh: Mesh | None) -> bool:
+  """Whether a model's attention runs in the TPU kernel: `enabled` on a TPU mesh, for rows that
+  split into the kernel's blocks."""
+  return (enabled and mesh is not None and mesh.devices.flat[0].platform == "tpu"
+          and attention.fits_blocks(batch["input_ids"].shape[1]))
+
+
 def _teacher_outputs(config: StepConfig, teacher_params: PyTree | None, batch: PyTree,
                      positions: jax.Array | None, mesh: Mesh | None, lazy: bool = False
                      ) -> losses.Outputs | None:
@@ -106,9 +115,7 @@ def _teacher_outputs(config: StepConfig, teacher_params: PyTree | None, batch: P
   if config.teacher is None:
     return None
   pinned = None if mesh is None else sharding.batch_sharding(mesh)
-  flash = (config.teacher_flash_attention and mesh is not None
-           and mesh.devices.flat[0].platform == "tpu"
-           and attention.fits_blocks(batch["input_ids"].shape[1]))
+  flash = _flash(config.teacher_flash_attention, batch, mesh)
   t = jax.lax.stop_gradient(models.Encoder(config.teacher, pinned, flash).apply(
       {"params": teacher_params}, batch["input_ids"], batch["attention_mask"],
       logit_positions=positions, project=not lazy))
@@ -123,7 +130,8 @@ def _student_outputs(config: StepConfig, params: PyTree, batch: PyTree,
   Dropout is on when `rng` is given; with `lazy`, the logits are `losses.LazyLogits`."""
   pinned = None if mesh is None else sharding.batch_sharding(mesh)
   dropout = {} if rng is None else {"rngs": {"dropout": rng}}
-  out = models.Encoder(config.student, pinned).apply(
+  flash = _flash(config.student_flash_attention, batch, mesh)
+  out = models.Encoder(config.student, pinned, flash).apply(
       {"params": params["student"]}, batch["input_ids"], batch["attention_mask"],
       logit_positions=positions, deterministic=rng is None, project=not lazy, **dropout)
   hidden = out.hidden_states[-1]

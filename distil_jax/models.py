@@ -184,7 +184,8 @@ softmax_kept_in.defvjp(_softmax_forward, _softmax_backward)
 class SelfAttention(nn.Module):
   """Multi-head self-attention within segments (`attention_keep`); scores and softmax in
   float32, the probabilities kept in the compute dtype (`softmax_kept_in`). With `flash_mesh`,
-  the TPU kernel `attention.flash_attention` on that mesh instead (no dropout)."""
+  the TPU kernel `attention.flash_attention` on that mesh instead (its dropout drawn in the
+  kernel from a seed of the "dropout" stream)."""
   config: ModelConfig
   flash_mesh: Mesh | None = None
 
@@ -195,7 +196,12 @@ class SelfAttention(nn.Module):
     q, k, v = (_dense(c, heads, ("embed", "heads", "kv"), name)(x)
                for name in ("query", "key", "value"))
     if self.flash_mesh is not None:
-      out = attention.flash_attention(q, k, v, segments, self.flash_mesh)
+      rate = 0.0 if deterministic else c.attention_dropout
+      seed = None
+      if rate:
+        bits = jax.random.bits(self.make_rng("dropout"), dtype=jnp.uint32)
+        seed = jax.lax.bitcast_convert_type(bits, jnp.int32)
+      out = attention.flash_attention(q, k, v, segments, self.flash_mesh, rate, seed)
     else:
       scores = jnp.einsum("bqhd,bkhd->bhqk", q, k,
                           preferred_element_type=jnp.float32) / np.sqrt(c.head_dim)
@@ -255,7 +261,7 @@ class Encoder(nn.Module):
   masked positions. `activation_sharding` (e.g. batch over the data-parallel mesh axes) pins the
   residual stream between layers, so that XLA does not shard it like the parameters.
   `flash_attention` computes the attention with the TPU kernel `attention.flash_attention` on
-  `activation_sharding`'s mesh: deterministic passes only, as it has no dropout.
+  `activation_sharding`'s mesh.
   """
   config: ModelConfig
   activation_sharding: jax.sharding.NamedSharding | None = None
@@ -273,9 +279,6 @@ class Encoder(nn.Module):
     """The output of the embeddings and of every layer, without the MLM head.
 
     `attention_mask` holds segment ids (module docstring)."""
-    if self.flash_attention and not deterministic and self.config.attention_dropout:
-      raise errors.ConfigError("the flash attention kernel has no dropout: it serves "
-                               "deterministic passes (the teacher's) only")
     pin = lambda y: y if self.activation_sharding is None else jax.lax.with_sharding_constraint(
         y, self.activation_sharding)
     x = pin(self.embeddings(input_ids, token_type_ids, segment_positions(attention_mask),

@@ -164,7 +164,8 @@ def step_config(configs: Sequence[ml_collections.ConfigDict], model: models.Mode
       num_runs=len(configs) if len(configs) > 1 else 0,
       mse=any(c.distill.alpha_mse for c in configs),
       stop_together=config.on_nonfinite == "stop", logit_chunk=config.distill.logit_chunk,
-      teacher_flash_attention=config.distill.teacher_flash_attention)
+      teacher_flash_attention=config.distill.teacher_flash_attention,
+      student_flash_attention=config.distill.student_flash_attention)
 
 
 def lowered(configs: Sequence[ml_collections.ConfigDict], model: models.ModelConfig,

@@ -46,9 +46,11 @@ def get_config() -> config_dict.ConfigDict:
   # chunk's recomputed in the backward pass: no [rows, positions, vocab] float32 array stored
   # whole. 0: every position at once.
   config.distill.logit_chunk = 0
-  # On a TPU, the frozen teacher's attention in one Pallas kernel (flash attention): its scores
-  # and probabilities never in HBM. Elsewhere, and for the student (dropout), XLA's attention.
+  # On a TPU, the teacher's and the student's attention in one Pallas kernel (distil_jax/
+  # attention.py): scores and probabilities never in HBM. Elsewhere, XLA's attention. The
+  # student's kernel draws its own dropout masks (a different random stream from XLA's).
   config.distill.teacher_flash_attention = True
+  config.distill.student_flash_attention = True
 
   config.optim = config_dict.ConfigDict()
   config.optim.lr_peak = 5e-4

@@ -1,22 +1,20 @@
-"""The TPU flash attention kernel, run by Pallas' interpreter on the CPU, against XLA's attention
-(`models.SelfAttention`) on packed rows: documents kept apart, padding at the end."""
+"""The TPU attention kernel, run by Pallas' interpreter on the CPU, against XLA's attention
+(`models.SelfAttention`) on packed rows (documents kept apart, padding at the end), and with
+dropout against attention written in jax.numpy."""
 
-import functools
 import os
 import pathlib
 import subprocess
 import sys
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.experimental.pallas import tpu as pltpu
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from distil_jax import distill_step, errors, models, sharding, tpu
+from distil_jax import attention, distill_step, models, sharding, tpu
 
 # Two heads of 64 (the kernel's lane-sized head), 128 positions (one block of the kernel's).
 CONFIG = models.ModelConfig(vocab_size=50, hidden_size=128, num_layers=2, num_heads=2,
@@ -24,13 +22,14 @@ CONFIG = models.ModelConfig(vocab_size=50, hidden_size=128, num_layers=2, num_he
 LENGTH = 128
 
 
-def _packed_rows(rng: np.random.Generator, rows: int) -> tuple[np.ndarray, np.ndarray]:
+def _packed_rows(rng: np.random.Generator, rows: int, length: int = LENGTH
+                 ) -> tuple[np.ndarray, np.ndarray]:
   """Token ids and segment ids: each row three documents of random lengths, then padding."""
-  segments = np.zeros((rows, LENGTH), np.int32)
+  segments = np.zeros((rows, length), np.int32)
   for row in segments:
-    ends = np.sort(rng.choice(np.arange(8, LENGTH - 8), size=3, replace=False))
+    ends = np.sort(rng.choice(np.arange(8, length - 8), size=3, replace=False))
     row[:ends[0]], row[ends[0]:ends[1]], row[ends[1]:ends[2]] = 1, 2, 3
-  return rng.integers(1, CONFIG.vocab_size, (rows, LENGTH)).astype(np.int32), segments
+  return rng.integers(1, CONFIG.vocab_size, (rows, length)).astype(np.int32), segments
 
 
 def check_flash_equals_xla(mesh_shape: tuple[int, int, int]) -> None:
@@ -60,48 +59,91 @@ def test_flash_attention_equals_the_xla_attention_on_real_tokens():
   check_flash_equals_xla((1, 1, 1))
 
 
-def test_flash_attention_over_rows_and_heads_of_a_mesh():
-  """Rows over 2 data-parallel devices, the 2 heads over 2 tensor-parallel ones (a subprocess:
-  the device count is fixed when jax starts)."""
+def test_the_kernel_over_rows_and_heads_of_a_mesh():
+  """Both checks with rows over 2 data-parallel devices, the 2 heads over 2 tensor-parallel ones
+  (a subprocess: the device count is fixed when jax starts)."""
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
          "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
          "PYTHONPATH": str(pathlib.Path(__file__).parent.parent)}
   subprocess.run([sys.executable, __file__, "2,1,2"], check=True, env=env, timeout=300)
 
 
-@pytest.mark.parametrize("flash", [True, False])
-def test_the_teacher_attends_by_the_kernel_on_tpus_only(flash):
-  """The step's teacher forward compiled for a v5e-8 (libtpu's compile-only devices): one kernel
-  per layer with `teacher_flash_attention`, none without; on the CPU's mesh, none."""
-  config = distill_step.StepConfig(student=CONFIG, teacher=CONFIG, teacher_flash_attention=flash)
-  teacher = models.abstract_params(CONFIG)
+def check_dropout_kernel(mesh_shape: tuple[int, int, int], length: int) -> None:
+  """The kernel with dropout, and its gradients, against attention written in jax.numpy (the
+  gradients by autodiff) that drops the probabilities `attention.dropout_keep` names for each
+  row, head, query and key of the whole batch: the same mask whichever device computes a head."""
+  mesh = sharding.make_mesh(mesh_shape, devices=jax.devices()[:np.prod(mesh_shape)])
+  rng = np.random.default_rng(3)
+  rows, heads, head_dim, rate, seed = 2, 2, 64, 0.25, jnp.int32(-7)
+  _, segments = _packed_rows(rng, rows, length)
+  q, k, v = (jnp.asarray(rng.normal(size=(rows, length, heads, head_dim)), jnp.float32)
+             for _ in range(3))
+  cell = np.arange(rows)[:, None, None, None] * heads + np.arange(heads)[None, :, None, None]
+  index = np.arange(length)[:, None] * length + np.arange(length)
+  kept = attention.dropout_keep(attention.dropout_key(seed, jnp.asarray(cell)),
+                                jnp.asarray(index), rate)
+
+  def reference(q, k, v):
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(head_dim)
+    probs = jax.nn.softmax(jnp.where(models.attention_keep(segments), scores, -1e30), axis=-1)
+    return jnp.einsum("bhqk,bkhd->bqhd", jnp.where(kept, probs / (1 - rate), 0.0), v)
+
+  def kernel(q, k, v):
+    return attention.flash_attention(q, k, v, jnp.asarray(segments), mesh, rate, seed)
+
+  weights = jnp.asarray(rng.normal(size=q.shape), jnp.float32)  # A loss that reads every output.
+  loss = lambda attend: lambda q, k, v: jnp.sum(attend(q, k, v) * weights)
+  with pltpu.force_tpu_interpret_mode():
+    out = jax.jit(kernel)(q, k, v)
+    grads = jax.jit(jax.grad(loss(kernel), argnums=(0, 1, 2)))(q, k, v)
+  real = segments > 0
+  np.testing.assert_allclose(np.asarray(out)[real], np.asarray(reference(q, k, v))[real],
+                             atol=2e-5, rtol=1e-5)
+  for name, got, want in zip("qkv", grads, jax.grad(loss(reference), argnums=(0, 1, 2))(q, k, v),
+                                    strict=True):
+    np.testing.assert_allclose(got, want, atol=5e-5, rtol=1e-4, err_msg=f"d{name}")
+
+
+def test_the_kernel_drops_what_the_mask_names_and_its_gradients_match():
+  """Rows of 640 positions: five blocks of queries, whose key and value gradients add up."""
+  check_dropout_kernel((1, 1, 1), 640)
+
+
+def test_dropout_keeps_one_minus_the_rate_independently_per_seed_and_head():
+  """0.9 of 2^20 probabilities kept (the count's standard deviation is 0.0003); two seeds, or
+  two heads, keep the same probability as independent draws would, 0.9^2 + 0.1^2 of them."""
+  index = jnp.arange(2**20)
+  keep = lambda seed, cell: np.asarray(attention.dropout_keep(
+      attention.dropout_key(jnp.int32(seed), jnp.int32(cell)), index, 0.1))
+  assert abs(keep(0, 0).mean() - 0.9) < 0.0015
+  for other in (keep(1, 0), keep(0, 1)):
+    assert abs(np.mean(keep(0, 0) == other) - 0.82) < 0.0015
+  assert attention.dropout_keep(jnp.int32(0), index, 0.0).all()
+
+
+@pytest.mark.parametrize("teacher, student", [(True, True), (False, False)])
+def test_both_models_attend_by_the_kernel_on_tpus_only(teacher, student):
+  """The train step compiled for a v5e-8 (libtpu's compile-only devices): one kernel per teacher
+  layer, and per student layer one forward and one backward kernel; none when switched off or
+  on the CPU's mesh."""
+  config = distill_step.StepConfig(student=CONFIG, teacher=CONFIG,
+                                   teacher_flash_attention=teacher,
+                                   student_flash_attention=student)
 
   def compiled_text(mesh):
-    batch = {k: jax.ShapeDtypeStruct((16, LENGTH), jnp.int32,
-                                     sharding=sharding.batch_sharding(mesh))
-             for k in ("input_ids", "attention_mask", "labels")}
-    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(
-        mesh, P())), flax.linen.meta.unbox(teacher))
-    lowered = jax.jit(functools.partial(distill_step.shared_outputs, config, mesh=mesh)).lower(
-        params, batch)
+    lowered = distill_step.lower(config, optax.sgd(0.1), mesh, 16, LENGTH)["train"]
     return (tpu.compile(lowered, "v5e-8") if mesh.devices.flat[0].platform == "tpu"
             else lowered.compile()).as_text()
 
   kernels = compiled_text(sharding.make_mesh((-1, 1, 1), devices=tpu.devices("v5e-8")))
-  assert kernels.count('custom_call_target="tpu_custom_call"') == (CONFIG.num_layers if flash
-                                                                   else 0)
+  assert kernels.count('custom_call_target="tpu_custom_call"') == (
+      teacher * CONFIG.num_layers + student * 2 * CONFIG.num_layers)
   cpu = compiled_text(sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1]))
   assert "tpu_custom_call" not in cpu
 
 
-def test_flash_attention_refuses_dropout():
-  mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-  encoder = models.Encoder(CONFIG, sharding.batch_sharding(mesh), flash_attention=True)
-  ids, segments = _packed_rows(np.random.default_rng(0), rows=1)
-  with pytest.raises(errors.ConfigError, match="no dropout"):
-    encoder.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, jnp.asarray(ids),
-                 jnp.asarray(segments), deterministic=False)
-
-
 if __name__ == "__main__":
-  check_flash_equals_xla(tuple(int(n) for n in sys.argv[1].split(",")))
+  mesh_shape = tuple(int(n) for n in sys.argv[1].split(","))
+  check_flash_equals_xla(mesh_shape)
+  # Pallas' interpreter hung on the 2 x 2 mesh with rows of 256 positions (not on one device).
+  check_dropout_kernel(mesh_shape, LENGTH)
