@@ -33,6 +33,12 @@ def fits_blocks(length: int) -> bool:
   return length % _LANES == 0
 
 
+def attends(query_segments: jax.Array, key_segments: jax.Array) -> jax.Array:
+  """Whether a query attends to a key, by their segment ids (broadcast against each other): a
+  real query to the keys of its segment, a padding query (0) to every real key."""
+  return (key_segments > 0) & ((query_segments == key_segments) | (query_segments == 0))
+
+
 def _block(length: int) -> int:
   """Query positions per block: the whole row up to `_MAX_BLOCK` (then the segment ids and the
   keys are read once per row), else the largest multiple of 128 that divides it."""
@@ -68,9 +74,7 @@ def _probabilities(q, k, seg_q, seg_k, key, scale: float, rate: float):
   dropout's keep mask from the cell's `key` tile."""
   scores = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
                                preferred_element_type=jnp.float32) * scale
-  seg_q = jnp.tile(seg_q, (1, k.shape[0] // _LANES))
-  keep = (seg_k > 0) & ((seg_q == seg_k) | (seg_q == 0))
-  scores = jnp.where(keep, scores, _MASKED)
+  scores = jnp.where(attends(jnp.tile(seg_q, (1, k.shape[0] // _LANES)), seg_k), scores, _MASKED)
   exp = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
   probs = exp / jnp.sum(exp, axis=-1, keepdims=True)
   if not rate:
@@ -200,7 +204,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Arra
                     rate: float = 0.0, seed: jax.Array | None = None) -> jax.Array:
   """Self-attention of `q`, `k`, `v` ([batch, len, heads, head_dim]) within `segments`
   ([batch, len] ids, 0 for padding): a real token attends to its segment's tokens, a padding
-  token to every real one (as `models.attention_keep`). With `rate`, attention dropout from the
+  token to every real one (`attends`). With `rate`, attention dropout from the
   int32 `seed` (`dropout_keep`). Rows shard over the mesh's data-parallel axes, heads over its
   tensor axis. The length must `fits_blocks`."""
   rows, _, heads, _ = q.shape

@@ -155,8 +155,7 @@ def segment_positions(segments: Array) -> Array:
 def attention_keep(segments: Array) -> Array:
   """[batch, 1, query, key]: a real query attends to the keys of its segment; padding queries
   (whose outputs nobody reads) to every real key, as HuggingFace's."""
-  query, key = segments[:, :, None], segments[:, None, :]
-  return ((key > 0) & ((query == key) | (query == 0)))[:, None]
+  return attention.attends(segments[:, :, None], segments[:, None, :])[:, None]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
