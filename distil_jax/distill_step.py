@@ -50,6 +50,9 @@ class StepConfig:
   # its own dropout masks: another random stream than XLA's attention, the same distribution.
   teacher_flash_attention: bool = True
   student_flash_attention: bool = True
+  # Both models' vocabulary projections and the losses that read them by the TPU kernels of
+  # `logit_kernel` when the mesh is TPUs (float32 logits, never stored; `logit_chunk` unused).
+  logit_kernel: bool = True
 
 
 class Hyper(NamedTuple):
@@ -98,14 +101,27 @@ def _logits(model: models.ModelConfig, params: PyTree, out: models.EncoderOutput
   """The logits of `out`, or with `lazy` its head features and their projection."""
   if not lazy:
     return out.logits
-  return losses.LazyLogits(out.logits, lambda f: models.mlm_logits(model, params, f))
+  return losses.LazyLogits(out.logits, *models.mlm_decoder(model, params))
+
+
+def _on_tpu(mesh: Mesh | None) -> bool:
+  return mesh is not None and mesh.devices.flat[0].platform == "tpu"
 
 
 def _flash(enabled: bool, batch: PyTree, mesh: Mesh | None) -> bool:
   """Whether a model's attention runs in the TPU kernel: `enabled` on a TPU mesh, for rows that
   split into the kernel's blocks."""
-  return (enabled and mesh is not None and mesh.devices.flat[0].platform == "tpu"
-          and attention.fits_blocks(batch["input_ids"].shape[1]))
+  return enabled and _on_tpu(mesh) and attention.fits_blocks(batch["input_ids"].shape[1])
+
+
+def _kernel_mesh(config: StepConfig, mesh: Mesh | None) -> Mesh | None:
+  """The mesh on which the losses make the logits in `logit_kernel`'s kernels, if they do."""
+  return mesh if config.logit_kernel and _on_tpu(mesh) else None
+
+
+def _lazy(config: StepConfig, mesh: Mesh | None) -> bool:
+  """Whether the models give their head features for the losses to project (`LazyLogits`)."""
+  return config.logit_chunk > 0 or _kernel_mesh(config, mesh) is not None
 
 
 def _teacher_outputs(config: StepConfig, teacher_params: PyTree | None, batch: PyTree,
@@ -144,14 +160,14 @@ def _micro_loss(params, teacher, batch, targets, weights, totals, rng, config, m
   """A micro-batch's share of the full batch's loss, and its metrics as sums."""
   positions, valid, labels = targets
   student = _student_outputs(config, params, batch, positions, rng, mesh,
-                             lazy=config.logit_chunk > 0)
+                             lazy=_lazy(config, mesh))
   counts = _counts(valid, labels, batch["attention_mask"])
   frac = {k: n / jnp.maximum(totals[k], 1.0) for k, n in counts.items()}
   scaled = weights._replace(**{f"alpha_{part}": getattr(weights, f"alpha_{part}") * frac[
       f"loss_{part}"] for part in ("ce", "mlm", "cos", "mse")})
   total, parts = losses.distillation_loss(student, teacher, labels, valid,
                                           batch["attention_mask"], scaled, config.mse,
-                                          config.logit_chunk)
+                                          config.logit_chunk, _kernel_mesh(config, mesh))
   metrics = {k: v * frac[k] for k, v in parts.items() if k.startswith("loss_")}
   metrics["loss"] = total
   metrics["student_correct"], metrics["masked"] = parts["student_correct"], parts["labeled"]
@@ -196,7 +212,7 @@ def shared_outputs(config: StepConfig, teacher_params: PyTree | None, micro_batc
   the teacher's outputs there. Fused runs compute it once."""
   targets = _logit_targets(config, micro_batch)
   return targets, _teacher_outputs(config, teacher_params, micro_batch, targets[0], mesh,
-                                   lazy=config.logit_chunk > 0)
+                                   lazy=_lazy(config, mesh))
 
 
 def _split(config: StepConfig, batch: PyTree, num_micro: int, mesh: Mesh | None) -> PyTree:
@@ -256,7 +272,8 @@ def train_step(state: PyTree, teacher_params: PyTree | None, batch: PyTree, hype
 
 def eval_config(config: StepConfig) -> StepConfig:
   """What `eval_step` computes: logits at the masked positions only, all at once."""
-  return dataclasses.replace(config, restrict_ce_to_mask=True, gather_logits=True, logit_chunk=0)
+  return dataclasses.replace(config, restrict_ce_to_mask=True, gather_logits=True, logit_chunk=0,
+                             logit_kernel=False)
 
 
 def eval_step(params: PyTree, teacher_params: PyTree | None, batch: PyTree, *,

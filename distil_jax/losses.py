@@ -6,19 +6,20 @@ Masks select the positions a loss averages over; selecting none gives 0, not NaN
 
 The terms that read the logits (L_ce, L_mlm, L_mse, the accuracies) are sums over positions
 (`logit_sums`): given `LazyLogits` they are computed a chunk of positions at a time, each chunk's
-float32 logits recomputed in the backward pass, so that no [batch, positions, vocab] array of
-either model is ever stored whole.
+float32 logits recomputed in the backward pass, or on a TPU in the kernels of
+`distil_jax.logit_kernel`, so that no [batch, positions, vocab] array of either model is ever
+stored whole.
 """
 
-from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh
 from jax.typing import ArrayLike
 
-from distil_jax import errors
+from distil_jax import errors, logit_kernel
 
 IGNORE_INDEX = -100  # Label of the positions the MLM loss skips, as in PyTorch.
 
@@ -36,9 +37,15 @@ DEFAULT_WEIGHTS = LossWeights()
 
 
 class LazyLogits(NamedTuple):
-  """Logits not computed yet: `project(features[:, a:b])` gives those of positions a..b."""
+  """Logits not computed yet: those of the MLM head's features, `project(features)`."""
   features: jax.Array  # [batch, k, dim]: the MLM head's input to its vocabulary projection.
-  project: Callable[[jax.Array], jax.Array]  # [batch, n, dim] -> float32 [batch, n, vocab].
+  embedding: jax.Array  # [vocab, dim]: the tied decoder, in the compute dtype.
+  bias: jax.Array  # [vocab].
+
+  def project(self, features: jax.Array) -> jax.Array:
+    """Float32 logits of `features` ([batch, n, dim]), as the MLM head computes them."""
+    logits = jnp.dot(features.astype(self.embedding.dtype), self.embedding.T)
+    return logits.astype(jnp.float32) + self.bias.astype(jnp.float32)
 
 
 class Outputs(NamedTuple):
@@ -157,32 +164,56 @@ def classification_accuracy(logits: jax.Array, labels: jax.Array, weight: jax.Ar
   return hits / jnp.maximum(count, 1.0)
 
 
+def _position_terms(student: jax.Array, teacher: jax.Array | None, labels: jax.Array,
+                    temperature: ArrayLike, with_mse: bool) -> dict[str, jax.Array]:
+  """The terms at each position, as `logit_kernel.logit_terms` gives them, from the logits."""
+  terms = {"nll": _nll_terms(student, labels), "student_argmax": jnp.argmax(student, axis=-1)}
+  if teacher is not None:
+    terms |= {"kd": _kd_terms(student, teacher, temperature),
+              "teacher_argmax": jnp.argmax(teacher, axis=-1)}
+    if with_mse:
+      terms["mse"] = _mse_terms(student, teacher)
+  return terms
+
+
+def _summed(terms: dict[str, jax.Array], labels: jax.Array, mask: jax.Array
+            ) -> dict[str, jax.Array]:
+  """`logit_sums` from the terms at each position."""
+  labeled = labels != IGNORE_INDEX
+  total = lambda name, where: jnp.sum(jnp.where(where, terms[name], 0.0))
+  hits = lambda name: jnp.sum(labeled & (terms[name] == labels)).astype(jnp.float32)
+  out = {"mlm": total("nll", labeled), "student_correct": hits("student_argmax"),
+         "labeled": jnp.sum(labeled).astype(jnp.float32)}
+  if "kd" in terms:
+    out |= {"ce": total("kd", mask), "teacher_correct": hits("teacher_argmax")}
+  if "mse" in terms:
+    out["mse"] = total("mse", mask)
+  return out
+
+
 def logit_sums(student_logits: jax.Array | LazyLogits,
                teacher_logits: jax.Array | LazyLogits | None, labels: jax.Array,
-               mask: jax.Array, temperature: ArrayLike, with_mse: bool = True, chunk: int = 0
-               ) -> dict[str, jax.Array]:
+               mask: jax.Array, temperature: ArrayLike, with_mse: bool = True, chunk: int = 0,
+               kernel_mesh: Mesh | None = None) -> dict[str, jax.Array]:
   """Sums over positions of the terms that read the logits: "mlm" (the labels' cross-entropy),
   "student_correct" and "labeled" (top-1 hits, labels); with a teacher "ce" and "mse" (over the
   positions where `mask` is true) and "teacher_correct".
 
-  Given `LazyLogits`, the logits are made `chunk` positions at a time (all at once for 0), each
+  Given `LazyLogits`, the logits are made in the TPU kernels of `logit_kernel` over
+  `kernel_mesh` if one is given, else `chunk` positions at a time (all at once for 0), each
   chunk's recomputed in the backward pass rather than stored.
   """
-  def sums(student, teacher, labels, mask):
-    labeled = labels != IGNORE_INDEX
-    total = lambda terms, where: jnp.sum(jnp.where(where, terms, 0.0))
-    out = {"mlm": total(_nll_terms(student, labels), labeled),
-           "student_correct": _top1_hits(student, labels, labeled)[0],
-           "labeled": jnp.sum(labeled).astype(jnp.float32)}
-    if teacher is not None:
-      out["ce"] = total(_kd_terms(student, teacher, temperature), mask)
-      out["teacher_correct"] = _top1_hits(teacher, labels, labeled)[0]
-      if with_mse:
-        out["mse"] = total(_mse_terms(student, teacher), mask)
-    return out
-
+  mask = mask.astype(bool)
+  sums = lambda student, teacher, labels, mask: _summed(_position_terms(
+      student, teacher, labels, temperature, with_mse), labels, mask)
   if not isinstance(student_logits, LazyLogits):
-    return sums(student_logits, teacher_logits, labels, mask.astype(bool))
+    return sums(student_logits, teacher_logits, labels, mask)
+  if kernel_mesh is not None:
+    projection = lambda z: None if z is None else logit_kernel.Projection(*z)
+    terms = logit_kernel.logit_terms(
+        projection(student_logits), projection(teacher_logits),
+        jnp.where(labels != IGNORE_INDEX, labels, 0), temperature, kernel_mesh, with_mse)
+    return _summed(terms, labels, mask)
   lazy = [student_logits] + ([teacher_logits] if teacher_logits is not None else [])
   k = labels.shape[1]
   size = chunk or k
@@ -197,7 +228,7 @@ def logit_sums(student_logits: jax.Array | LazyLogits,
     return sums(logits[0], logits[1] if len(logits) > 1 else None, labels, mask)
 
   chunks = jax.lax.map(lambda xs: chunk_sums(*xs), (
-      cut(labels, IGNORE_INDEX), cut(mask.astype(bool), False),
+      cut(labels, IGNORE_INDEX), cut(mask, False),
       *(cut(z.features, 0) for z in lazy)))
   return jax.tree.map(lambda x: jnp.sum(x, axis=0), chunks)
 
@@ -205,7 +236,8 @@ def logit_sums(student_logits: jax.Array | LazyLogits,
 def distillation_loss(student: Outputs, teacher: Outputs | None, labels: jax.Array,
                       logits_mask: jax.Array, hidden_mask: jax.Array,
                       weights: LossWeights = DEFAULT_WEIGHTS, with_mse: bool = True,
-                      chunk: int = 0) -> tuple[jax.Array, dict[str, jax.Array]]:
+                      chunk: int = 0, kernel_mesh: Mesh | None = None
+                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """alpha_ce * L_ce + alpha_mlm * L_mlm + alpha_cos * L_cos + alpha_mse * L_mse, and its parts.
 
   Args:
@@ -221,13 +253,14 @@ def distillation_loss(student: Outputs, teacher: Outputs | None, labels: jax.Arr
     with_mse: False leaves L_mse out, neither computed nor in the metrics: for when alpha_mse is
       0 (as the original does), since a traced weight of 0 would not spare its work.
     chunk: positions whose logits are made at a time, for `LazyLogits` (`logit_sums`).
+    kernel_mesh: a TPU mesh on which `logit_sums` makes `LazyLogits` in its kernels.
 
   Returns:
     (total, metrics) where metrics holds the total ("loss"), every part ("loss_ce", ...), and
     the counts of `logit_sums` ("student_correct", "teacher_correct", "labeled").
   """
   sums = logit_sums(student.logits, teacher.logits if teacher else None, labels, logits_mask,
-                    weights.temperature, with_mse and teacher is not None, chunk)
+                    weights.temperature, with_mse and teacher is not None, chunk, kernel_mesh)
   mean = lambda total, count: total / jnp.maximum(count, 1.0)
   counts = {k: sums.pop(k) for k in ("student_correct", "teacher_correct", "labeled")
             if k in sums}

@@ -81,7 +81,7 @@ DISTILBERT_CLASSIFIER_DROPOUT = 0.2
 
 class EncoderOutput(NamedTuple):
   """MLM logits ([batch, seq or k, vocab], float32; or, not projected, the head's features
-  [batch, seq or k, hidden] that `mlm_logits` projects) and the output of the embeddings and of
+  [batch, seq or k, hidden] that `mlm_decoder` projects) and the output of the embeddings and of
   every layer ([batch, seq, hidden] each; `hidden_states[-1]` is the last layer's)."""
   logits: Array
   hidden_states: tuple[Array, ...]
@@ -243,13 +243,12 @@ class MlmHead(nn.Module):
     return embeddings.attend(x).astype(jnp.float32) + bias.astype(jnp.float32)
 
 
-def mlm_logits(config: ModelConfig, params: dict, features: Array) -> Array:
-  """The MLM head's vocabulary projection of `features` (an `Encoder(project=False)` output's
-  `logits`), as the head computes it: the tied word embeddings in the compute dtype, float32
-  logits plus the bias."""
-  embedding = params["embeddings"]["word_embeddings"]["embedding"].astype(config.dtype)
-  logits = jnp.dot(features.astype(config.dtype), embedding.T).astype(jnp.float32)
-  return logits + params["mlm_head"]["bias"].astype(jnp.float32)
+def mlm_decoder(config: ModelConfig, params: dict) -> tuple[Array, Array]:
+  """The MLM head's vocabulary projection of its features (an `Encoder(project=False)` output's
+  `logits`): the tied word embeddings in the compute dtype, and the bias. The head computes
+  float32 (features @ embedding^T in the compute dtype) + bias."""
+  return (params["embeddings"]["word_embeddings"]["embedding"].astype(config.dtype),
+          params["mlm_head"]["bias"])
 
 
 class Encoder(nn.Module):
@@ -293,7 +292,7 @@ class Encoder(nn.Module):
                *, logit_positions: Array | None = None, deterministic: bool = True,
                project: bool = True) -> EncoderOutput:
     """The MLM logits (at `logit_positions`, or everywhere) and the hidden states; without
-    `project`, the head's features in place of the logits (`mlm_logits` projects them)."""
+    `project`, the head's features in place of the logits (`mlm_decoder` projects them)."""
     hidden_states = self.encode(input_ids, attention_mask, token_type_ids,
                                 deterministic=deterministic)
     x = hidden_states[-1]

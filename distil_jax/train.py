@@ -165,7 +165,8 @@ def step_config(configs: Sequence[ml_collections.ConfigDict], model: models.Mode
       mse=any(c.distill.alpha_mse for c in configs),
       stop_together=config.on_nonfinite == "stop", logit_chunk=config.distill.logit_chunk,
       teacher_flash_attention=config.distill.teacher_flash_attention,
-      student_flash_attention=config.distill.student_flash_attention)
+      student_flash_attention=config.distill.student_flash_attention,
+      logit_kernel=config.distill.logit_kernel)
 
 
 def lowered(configs: Sequence[ml_collections.ConfigDict], model: models.ModelConfig,

@@ -34,15 +34,15 @@ from distil_jax import errors, hf, hosts, models, storage
 STALE_AFTER_S = 600.0
 
 # Keys that may change when a run resumes: they change what is logged, saved or how the work is
-# split, not the run's trajectory (the attention kernels: rounding, and the student's dropout
-# masks drawn from another stream of the same distribution). Any other change is refused unless
+# split, not the run's trajectory (the kernels: rounding, and the student's dropout masks drawn
+# from another stream of the same distribution). Any other change is refused unless
 # allow_config_change.
 RESUMABLE_CHANGES = ("log_every_steps", "eval_every_steps", "eval_batches",
                      "checkpoint_every_steps", "keep_checkpoints", "export", "fill_mask",
                      "mesh_shape", "accum_steps", "on_nonfinite", "max_skipped_steps",
                      "data.read_threads", "data.data_dir", "data.tfds_data_dir",
                      "data.eval_batch_size", "distill.teacher_flash_attention",
-                     "distill.student_flash_attention")
+                     "distill.student_flash_attention", "distill.logit_kernel")
 
 
 class WorkdirError(errors.UserError, ValueError):

@@ -5,8 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from jax.experimental.pallas import tpu as pltpu
 
-from distil_jax import losses
+from distil_jax import losses, sharding
 
 BATCH, SEQ, VOCAB, DIM = 3, 7, 50, 16
 LENGTHS = (7, 5, 3)  # Rows 1 and 2 are padded.
@@ -283,35 +284,39 @@ def test_classification_loss_is_torchs_over_the_weighted_rows(num_labels):
         hits.mean(), rel=1e-6)
 
 
-@pytest.mark.parametrize("chunk", [0, 3, 4, SEQ])
+@pytest.mark.parametrize("chunk", [0, 3, 4, SEQ, "kernel"])
 def test_lazy_logits_in_chunks_equal_the_logits_at_once(data, chunk):
-  """The logits as features times a projection, made `chunk` positions at a time: the same
-  losses, counts and gradients (of the features and of the projection) as the logits given."""
+  """The logits as features times an embedding plus a bias, made `chunk` positions at a time (or
+  by `logit_kernel`'s kernels, under Pallas' interpreter): the same losses, counts and
+  gradients (of the features, the embedding and the bias) as the logits given."""
   rng = np.random.default_rng(5)
   vocab, dim = data["s"].shape[-1], 6
   features = {name: rng.normal(size=(*data[name].shape[:2], dim)).astype(np.float32)
               for name in ("s", "t")}
-  projection = rng.normal(size=(dim, vocab)).astype(np.float32)
+  decoder = (rng.normal(size=(vocab, dim)).astype(np.float32),
+             rng.normal(size=vocab).astype(np.float32))
   weights = losses.LossWeights(temperature=2.0, alpha_ce=5.0, alpha_mlm=2.0, alpha_cos=1.0,
                                alpha_mse=0.5)
+  mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
 
-  def run(lazy_chunk, features_s, matrix):
-    logits = lambda f: (f @ matrix).astype(jnp.float32)
+  def run(lazy_chunk, features_s, embedding, bias):
+    student = losses.LazyLogits(features_s, embedding, bias)
+    teacher = losses.LazyLogits(jnp.asarray(features["t"]), *decoder)
     if lazy_chunk is None:
-      student, teacher = logits(features_s), logits(features["t"])
-    else:
-      student = losses.LazyLogits(features_s, logits)
-      teacher = losses.LazyLogits(jnp.asarray(features["t"]), logits)
+      student, teacher = student.project(student.features), teacher.project(teacher.features)
     return losses.distillation_loss(
         losses.Outputs(student, data["hs"]), losses.Outputs(teacher, data["ht"]),
-        data["labels"], data["attention"], data["attention"], weights, chunk=lazy_chunk or 0)
+        data["labels"], data["attention"], data["attention"], weights,
+        chunk=0 if lazy_chunk == "kernel" else lazy_chunk or 0,
+        kernel_mesh=mesh if lazy_chunk == "kernel" else None)
 
-  grad = lambda c: jax.grad(lambda f, m: run(c, f, m)[0], argnums=(0, 1))(features["s"],
-                                                                        projection)
-  (total, metrics), (lazy_total, lazy_metrics) = run(None, features["s"], projection), run(
-      chunk, features["s"], projection)
+  grad = lambda c: jax.grad(lambda *args: run(c, *args)[0], argnums=(0, 1, 2))(features["s"],
+                                                                              *decoder)
+  (total, metrics) = run(None, features["s"], *decoder)
+  with pltpu.force_tpu_interpret_mode():
+    (lazy_total, lazy_metrics), lazy_grads = run(chunk, features["s"], *decoder), grad(chunk)
   _close(lazy_total, total)
   for name, value in metrics.items():
     _close(lazy_metrics[name], value)
-  for ours, theirs in zip(grad(chunk), grad(None), strict=True):
+  for ours, theirs in zip(lazy_grads, grad(None), strict=True):
     np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
