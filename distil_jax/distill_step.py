@@ -21,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
-from distil_jax import attention, losses, models, optim, sharding
+from distil_jax import attention, logit_kernel, losses, models, optim, sharding
 
 PyTree = dict
 RUNS_AXIS = "runs"  # The vmapped axis of a stack of runs.
@@ -51,7 +51,8 @@ class StepConfig:
   teacher_flash_attention: bool = True
   student_flash_attention: bool = True
   # Both models' vocabulary projections and the losses that read them by the TPU kernels of
-  # `logit_kernel` when the mesh is TPUs (float32 logits, never stored; `logit_chunk` unused).
+  # `logit_kernel` when the mesh is TPUs they pay on (`logit_kernel.pays_on`: v6e): float32
+  # logits, never stored (`logit_chunk` unused).
   logit_kernel: bool = True
 
 
@@ -116,7 +117,7 @@ def _flash(enabled: bool, batch: PyTree, mesh: Mesh | None) -> bool:
 
 def _kernel_mesh(config: StepConfig, mesh: Mesh | None) -> Mesh | None:
   """The mesh on which the losses make the logits in `logit_kernel`'s kernels, if they do."""
-  return mesh if config.logit_kernel and _on_tpu(mesh) else None
+  return mesh if config.logit_kernel and _on_tpu(mesh) and logit_kernel.pays_on(mesh) else None
 
 
 def _lazy(config: StepConfig, mesh: Mesh | None) -> bool:

@@ -48,7 +48,7 @@ class Blocks(NamedTuple):
   """Block sizes: positions x vocabulary for the forward and the features' gradient (the
   embedding streamed once per block of positions), vocabulary x positions for the embedding's
   gradient (the features streamed once per block of the vocabulary); and the VMEM they may use.
-  The defaults fit a core of 128 MiB of VMEM (v5e, v6e)."""
+  The defaults fit a core of 128 MiB of VMEM (v6e)."""
   positions: int = 2048
   vocab: int = 512
   embedding_vocab: int = 2048
@@ -56,15 +56,15 @@ class Blocks(NamedTuple):
   vmem_bytes: int = 64 * 2**20
 
 
-def blocks_for(mesh: Mesh) -> Blocks:
-  """The blocks for the mesh's chips, by their cores' VMEM: 16 MiB on v2 to v4, 64 MiB on v5p,
-  128 MiB on v5e and v6e (and assumed on later chips)."""
-  kind = mesh.devices.flat[0].device_kind
-  if kind.startswith(("TPU v2", "TPU v3", "TPU v4")):
-    return Blocks(512, 512, 512, 512, 16 * 2**20)
-  if kind in ("TPU v5", "TPU v5p"):
-    return Blocks(1024, 512, 1024, 512, 48 * 2**20)
-  return Blocks()
+DEFAULT_BLOCKS = Blocks()
+
+
+def pays_on(mesh: Mesh) -> bool:
+  """Whether the kernels lower the bert_base step's roofline bound on the mesh's chips, by XLA's
+  count (docs/tpu.md): on v6e only. They make 8 vocabulary products per micro-batch where XLA
+  makes 4, which costs more than the bytes they save on a chip bound by its FLOPs (v5e, v5p), and
+  a v4's 16 MiB of VMEM per core holds blocks too small to save bytes (v4-32: 600 -> 640 GB)."""
+  return mesh.devices.flat[0].device_kind in ("TPU v6 lite", "TPU v6e")
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -305,14 +305,12 @@ _terms.defvjp(_terms_forward, _terms_backward)
 
 def logit_terms(student: Projection, teacher: Projection | None, labels: jax.Array,
                 temperature: jax.Array | float, mesh: Mesh, with_mse: bool = True,
-                blocks: Blocks | None = None) -> dict[str, jax.Array]:
+                blocks: Blocks = DEFAULT_BLOCKS) -> dict[str, jax.Array]:
   """Per position ([batch, k], float32) of the logits `student` and `teacher` project: "nll"
   (the cross-entropy of `labels`, int in [0, vocab)) and "student_argmax"; with a teacher "kd"
   (KL(softmax(t / T) || softmax(s / T)) * T²), "teacher_argmax" and, `with_mse`, "mse" (the
   squared error summed over the vocabulary). Only the student's features, embedding and bias
-  get gradients. Rows shard over the mesh's data-parallel axes; the first argmax is taken.
-  `blocks` defaults to `blocks_for(mesh)`."""
-  blocks = blocks or blocks_for(mesh)
+  get gradients. Rows shard over the mesh's data-parallel axes; the first argmax is taken."""
   vocab = student.embedding.shape[0]
   batch, k = labels.shape
   padded_vocab = _round_up(vocab, max(blocks.vocab, blocks.embedding_vocab))

@@ -51,9 +51,9 @@ def get_config() -> config_dict.ConfigDict:
   # student's kernel draws its own dropout masks (a different random stream from XLA's).
   config.distill.teacher_flash_attention = True
   config.distill.student_flash_attention = True
-  # On a TPU, both models' vocabulary projections and the losses that read them in Pallas
-  # kernels (distil_jax/logit_kernel.py): float32 logits made in VMEM, never stored in HBM.
-  # Elsewhere (or False), XLA's projection, by `logit_chunk`.
+  # On a v6e TPU, both models' vocabulary projections and the losses that read them in Pallas
+  # kernels (distil_jax/logit_kernel.py): float32 logits made in VMEM, never stored in HBM. On
+  # other chips (where they do not pay), elsewhere, or False: XLA's projection, by `logit_chunk`.
   config.distill.logit_kernel = True
 
   config.optim = config_dict.ConfigDict()

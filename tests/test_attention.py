@@ -121,23 +121,23 @@ def test_dropout_keeps_one_minus_the_rate_independently_per_seed_and_head():
   assert attention.dropout_keep(jnp.int32(0), index, 0.0).all()
 
 
-@pytest.mark.parametrize("on", [True, False])
-def test_both_models_attend_by_the_kernel_on_tpus_only(on):
-  """The train step compiled for a v5e-8 (libtpu's compile-only devices): one kernel per teacher
-  layer, per student layer one forward and one backward kernel, and three for the logits
-  (`logit_kernel`: forward, and the two gradients); none when switched off or on the CPU's
-  mesh."""
+@pytest.mark.parametrize("slice_name, on", [("v6e-8", True), ("v6e-8", False), ("v5e-8", True)])
+def test_both_models_attend_by_the_kernel_on_tpus_only(slice_name, on):
+  """The train step compiled for a slice (libtpu's compile-only devices): one kernel per teacher
+  layer, per student layer one forward and one backward kernel, and on a v6e three for the
+  logits (`logit_kernel`: forward, and the two gradients; they do not pay on a v5e); none when
+  switched off or on the CPU's mesh."""
   config = distill_step.StepConfig(student=CONFIG, teacher=CONFIG, teacher_flash_attention=on,
                                    student_flash_attention=on, logit_kernel=on)
 
   def compiled_text(mesh):
     lowered = distill_step.lower(config, optax.sgd(0.1), mesh, 16, LENGTH)["train"]
-    return (tpu.compile(lowered, "v5e-8") if mesh.devices.flat[0].platform == "tpu"
+    return (tpu.compile(lowered, slice_name) if mesh.devices.flat[0].platform == "tpu"
             else lowered.compile()).as_text()
 
-  kernels = compiled_text(sharding.make_mesh((-1, 1, 1), devices=tpu.devices("v5e-8")))
+  kernels = compiled_text(sharding.make_mesh((-1, 1, 1), devices=tpu.devices(slice_name)))
   assert kernels.count('custom_call_target="tpu_custom_call"') == on * (
-      3 * CONFIG.num_layers + 3)
+      3 * CONFIG.num_layers + 3 * (slice_name == "v6e-8"))
   cpu = compiled_text(sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1]))
   assert "tpu_custom_call" not in cpu
 
