@@ -121,14 +121,15 @@ def test_dropout_keeps_one_minus_the_rate_independently_per_seed_and_head():
   assert attention.dropout_keep(jnp.int32(0), index, 0.0).all()
 
 
-@pytest.mark.parametrize("slice_name, on", [("v6e-8", True), ("v6e-8", False), ("v5e-8", True)])
-def test_both_models_attend_by_the_kernel_on_tpus_only(slice_name, on):
+@pytest.mark.parametrize("slice_name, on, runs", [
+    ("v6e-8", True, 0), ("v6e-8", False, 0), ("v5e-8", True, 0), ("v6e-8", True, 2)])
+def test_both_models_attend_by_the_kernel_on_tpus_only(slice_name, on, runs):
   """The train step compiled for a slice (libtpu's compile-only devices): one kernel per teacher
   layer, per student layer one forward and one backward kernel, and on a v6e three for the
   logits (`logit_kernel`: forward, and the two gradients; they do not pay on a v5e); none when
-  switched off or on the CPU's mesh."""
+  switched off or on the CPU's mesh. A fused group's students share each kernel, vmapped."""
   config = distill_step.StepConfig(student=CONFIG, teacher=CONFIG, teacher_flash_attention=on,
-                                   student_flash_attention=on, logit_kernel=on)
+                                   student_flash_attention=on, logit_kernel=on, num_runs=runs)
 
   def compiled_text(mesh):
     lowered = distill_step.lower(config, optax.sgd(0.1), mesh, 16, LENGTH)["train"]
