@@ -129,7 +129,7 @@ def test_stacked_seeds_equal_separate_runs_and_export(tmp_path, stacked, bert_di
 
 def test_finetune_keeps_its_lock_fresh_past_the_stale_limit(stacked):
   directory, _, watch, seconds = stacked
-  assert seconds > 3 * STALE_S and watch.reads > 50
+  assert seconds > 2 * STALE_S and watch.reads > 50  # The run outlived the limit twice over.
   assert watch.oldest < STALE_S  # Never stale: no other run could have taken it over.
   assert not (directory / "lock.json").exists()
 
