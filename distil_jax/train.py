@@ -297,12 +297,12 @@ def _train(configs, workdirs, names, allow_config_change, resume_step) -> list[d
   # ---------------------------------------------------------------- Mesh, the step's fit.
   mesh = sharding.make_mesh(config.mesh_shape)
   check_batch(config, mesh)
-  # Before any data: a program the devices cannot hold stops here, naming what fits. With
-  # epochs, the steps are not known yet: the schedule's length does not change the program's
-  # size, but the step is compiled again once they are.
-  check_fit(configs, model_config, teacher_config, mesh,
-            config.total_steps if not config.epochs else 1,
-            compile_fn=lambda program: tpu.compile(program, jax.devices()[0].device_kind))
+  # Before any data: a program the devices cannot hold stops here, naming what fits. The loop
+  # runs the program compiled here. With epochs, the steps are not known yet: the schedule's
+  # length does not change the program's size, but the step is compiled again once they are.
+  compile_here = lambda program: tpu.compile(program, jax.devices()[0].device_kind)
+  compiled_step = check_fit(configs, model_config, teacher_config, mesh,
+                            config.total_steps if not config.epochs else 1, compile_here)
 
   # ---------------------------------------------------------------- Data.
   peak_flops = perf.peak_flops_per_device()  # Measured on CPU: before the loader's threads run.
@@ -311,6 +311,7 @@ def _train(configs, workdirs, names, allow_config_change, resume_step) -> list[d
   if config.epochs:
     logging.info("%g epochs of %d sequences: %d steps.", config.epochs,
                  datasets.train_sequences, steps)
+    compiled_step = check_fit(configs, model_config, teacher_config, mesh, steps, compile_here)
   for w in workdirs:
     latest = hosts.decide(lambda w=w: max(checkpoint.saved_steps(w), default=0))
     if latest > steps:
@@ -333,7 +334,7 @@ def _train(configs, workdirs, names, allow_config_change, resume_step) -> list[d
                                                      teacher_config.hidden_size, c.seed)
   tx, schedule = optimizer(config, steps)
   hypers = [hyper(c, config.optim.lr_peak) for c in configs]
-  state, teacher, train_step, eval_step = distill_step.prepare(
+  state, teacher, _, eval_step = distill_step.prepare(
       step, stacked.stack(params) if num_runs > 1 else params[0], teacher_params, tx, mesh)
   run_hyper = stacked.stack(hypers) if num_runs > 1 else hypers[0]
   del params, teacher_params
@@ -346,8 +347,8 @@ def _train(configs, workdirs, names, allow_config_change, resume_step) -> list[d
   place = lambda batch: data.global_batch(batch, batch_sharding)
   eval_batches = datasets.eval[:config.eval_batches or None]
   task = loop.Task(
-      train_step=lambda state, batch, proceed: train_step(state, teacher, batch, run_hyper,
-                                                          proceed),
+      train_step=lambda state, batch, proceed: compiled_step(state, teacher, batch, run_hyper,
+                                                             proceed),
       batches=datasets.train, place=place,
       evaluate=lambda params: distill_step.evaluate(eval_step, params, teacher,
                                                     map(place, eval_batches), step.num_runs),

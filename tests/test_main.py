@@ -1,6 +1,7 @@
 """`distil_jax.main` end to end: a run, its export, resume after SIGTERM and kill -9, overrides."""
 
 import json
+import os
 import pathlib
 import re
 import signal
@@ -31,10 +32,16 @@ def _weights(directory):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, bert_dir, corpus):
+def uninterrupted_run(tmp_path_factory, bert_dir, corpus) -> tuple[pathlib.Path, str]:
+  """The workdir and output of a run logging JAX's compiles."""
   workdir = tmp_path_factory.mktemp("uninterrupted")
-  _run(workdir, bert_dir, corpus)
-  return workdir
+  env = {**os.environ, "JAX_LOG_COMPILES": "1"}
+  return workdir, runs.finish(runs.start("main", workdir, bert_dir, corpus, env=env))[0]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(uninterrupted_run) -> pathlib.Path:
+  return uninterrupted_run[0]
 
 
 def test_run_writes_config_metrics_checkpoints_and_an_export(uninterrupted):
@@ -50,6 +57,11 @@ def test_run_writes_config_metrics_checkpoints_and_an_export(uninterrupted):
   model, info = transformers.DistilBertForMaskedLM.from_pretrained(
       uninterrupted / "export", output_loading_info=True)
   assert not any(info.values()) and model.config.n_layers == 2
+
+
+def test_the_loop_runs_the_train_step_that_the_fit_check_compiled(uninterrupted_run):
+  # Each lowering logs "Compiling"; a second one would compile the bert_base step again on a pod.
+  assert uninterrupted_run[1].count("Compiling jit(train_step)") == 1
 
 
 def test_export_command_matches_the_final_export(uninterrupted, tmp_path):
