@@ -231,6 +231,14 @@ def _params(blocks: Blocks) -> pltpu.CompilerParams:
                               vmem_limit_bytes=blocks.vmem_bytes)
 
 
+def _position_grid(models, blocks: Blocks) -> tuple[tuple[int, int], int]:
+  """The grid of the forward and features' gradient kernels (blocks of positions, then of the
+  vocabulary), and the bytes of the embeddings, which they stream once per block of positions."""
+  fs, es, _ = models[0]
+  grid = (fs.shape[0] // blocks.positions, es.shape[0] // blocks.vocab)
+  return grid, sum(m[1].size * m[1].dtype.itemsize for m in models)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _terms(position, models, vocab: int, with_mse: bool, blocks: Blocks) -> jax.Array:
   """The [n, 128] output tile (`TERMS`, then the log-sum-exps) of flattened positions; `models`
@@ -239,8 +247,7 @@ def _terms(position, models, vocab: int, with_mse: bool, blocks: Blocks) -> jax.
   teacher = len(models) > 1
   fs, es, _ = models[0]
   n, dim = fs.shape
-  grid = (n // blocks.positions, es.shape[0] // blocks.vocab)
-  weights = sum(m[1].size * m[1].dtype.itemsize for m in models)
+  grid, weights = _position_grid(models, blocks)
   return pl.pallas_call(
       functools.partial(_forward_kernel, vocab=vocab, teacher=teacher, with_mse=with_mse),
       out_shape=jax.ShapeDtypeStruct((n, _LANES), jnp.float32), grid=grid,
@@ -269,17 +276,15 @@ def _terms_backward(vocab, with_mse, blocks, residuals, d_out):
   inputs = (position, *(x for m in models for x in m))
   kernel_args = dict(vocab=vocab, with_mse=with_mse)
   matmuls = len(models) + 1  # The logits made again, and the gradient's product.
-  weights = sum(m[1].size * m[1].dtype.itemsize for m in models)
+  grid, weights = _position_grid(models, blocks)
   d_features = pl.pallas_call(
       functools.partial(_features_grad_kernel, **kernel_args),
-      out_shape=jax.ShapeDtypeStruct(fs.shape, fs.dtype),
-      grid=(n // blocks.positions, es.shape[0] // blocks.vocab),
+      out_shape=jax.ShapeDtypeStruct(fs.shape, fs.dtype), grid=grid,
       in_specs=_specs(dim, blocks.positions, blocks.vocab, True, teacher),
       out_specs=pl.BlockSpec((blocks.positions, dim), lambda i, j: (i, 0)),
       scratch_shapes=[pltpu.VMEM((blocks.positions, dim), jnp.float32)],
       compiler_params=_params(blocks),
-      cost_estimate=_cost(n, dim, es.shape[0], matmuls, n // blocks.positions * weights,
-                          fs.dtype.itemsize),
+      cost_estimate=_cost(n, dim, es.shape[0], matmuls, grid[0] * weights, fs.dtype.itemsize),
   )(*inputs)
   streamed = es.shape[0] // blocks.embedding_vocab * n * (
       _LANES * 4 + len(models) * dim * fs.dtype.itemsize)

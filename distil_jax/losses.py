@@ -123,11 +123,11 @@ def _mse_terms(student_logits: jax.Array, teacher_logits: jax.Array) -> jax.Arra
   return jnp.sum(diff * diff, axis=-1)
 
 
-def _top1_hits(logits: jax.Array, targets: jax.Array, mask: jax.Array
-               ) -> tuple[jax.Array, jax.Array]:
-  """Number of positions where `mask` is true and argmax(logits) == targets, and of positions."""
+def _hits(predicted: jax.Array, targets: jax.Array, mask: jax.Array
+          ) -> tuple[jax.Array, jax.Array]:
+  """Number of positions where `mask` is true and predicted == targets, and of positions."""
   mask = mask.astype(bool)
-  hits = jnp.sum(mask & (jnp.argmax(logits, axis=-1) == targets))
+  hits = jnp.sum(mask & (predicted == targets))
   return hits.astype(jnp.float32), jnp.sum(mask).astype(jnp.float32)
 
 
@@ -136,13 +136,14 @@ def masked_accuracy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, ja
 
   Counts rather than a mean, so that evaluation can sum them over batches.
   """
-  return _top1_hits(logits, labels, labels != IGNORE_INDEX)
+  return _hits(jnp.argmax(logits, axis=-1), labels, labels != IGNORE_INDEX)
 
 
 def top1_agreement(student_logits: jax.Array, teacher_logits: jax.Array,
                    mask: jax.Array) -> jax.Array:
   """Fraction of the positions where `mask` is true at which the two argmaxes agree; 0 if none."""
-  hits, count = _top1_hits(student_logits, jnp.argmax(teacher_logits, axis=-1), mask)
+  hits, count = _hits(jnp.argmax(student_logits, axis=-1), jnp.argmax(teacher_logits, axis=-1),
+                      mask)
   return hits / jnp.maximum(count, 1.0)
 
 
@@ -160,7 +161,7 @@ def classification_loss(logits: jax.Array, labels: jax.Array, weight: jax.Array)
 def classification_accuracy(logits: jax.Array, labels: jax.Array, weight: jax.Array
                             ) -> jax.Array:
   """Fraction of the rows where `weight` is true whose argmax is the label; 0 if none."""
-  hits, count = _top1_hits(logits, labels, weight)
+  hits, count = _hits(jnp.argmax(logits, axis=-1), labels, weight)
   return hits / jnp.maximum(count, 1.0)
 
 
@@ -181,11 +182,12 @@ def _summed(terms: dict[str, jax.Array], labels: jax.Array, mask: jax.Array
   """`logit_sums` from the terms at each position."""
   labeled = labels != IGNORE_INDEX
   total = lambda name, where: jnp.sum(jnp.where(where, terms[name], 0.0))
-  hits = lambda name: jnp.sum(labeled & (terms[name] == labels)).astype(jnp.float32)
-  out = {"mlm": total("nll", labeled), "student_correct": hits("student_argmax"),
-         "labeled": jnp.sum(labeled).astype(jnp.float32)}
+  student_correct, labeled_count = _hits(terms["student_argmax"], labels, labeled)
+  out = {"mlm": total("nll", labeled), "student_correct": student_correct,
+         "labeled": labeled_count}
   if "kd" in terms:
-    out |= {"ce": total("kd", mask), "teacher_correct": hits("teacher_argmax")}
+    out |= {"ce": total("kd", mask),
+            "teacher_correct": _hits(terms["teacher_argmax"], labels, labeled)[0]}
   if "mse" in terms:
     out["mse"] = total("mse", mask)
   return out
