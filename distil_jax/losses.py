@@ -86,9 +86,14 @@ def mlm_loss(student_logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 def _nll_terms(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Cross-entropy of the label at each position (of label 0 where there is none)."""
-  return optax.softmax_cross_entropy_with_integer_labels(
-      logits.astype(jnp.float32), jnp.where(labels != IGNORE_INDEX, labels, 0))
+  """Cross-entropy of the label at each position (of label 0 where there is none).
+
+  The label's logit is picked by comparison, not gathered: vmapped over fused runs, a gather's
+  gradient is a scatter into the whole logits that XLA on TPU copies between layouts (about
+  16 GB per micro-batch of 4 bert_base runs on a v4-32 chip)."""
+  logits = logits.astype(jnp.float32)
+  picked = jnp.arange(logits.shape[-1]) == jnp.where(labels != IGNORE_INDEX, labels, 0)[..., None]
+  return jax.nn.logsumexp(logits, axis=-1) - jnp.sum(jnp.where(picked, logits, 0.0), axis=-1)
 
 
 def cosine_loss(student_hidden: jax.Array, teacher_hidden: jax.Array, mask: jax.Array,
