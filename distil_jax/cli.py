@@ -61,10 +61,34 @@ class _OwnLogs(std_logging.Filter):
     return True
 
 
+def _one_line(exc: BaseException | None, where: str) -> None:
+  """A library's exception outside the command's own flow, in one line (the command says what
+  it means)."""
+  logging.warning("%s in %s: %s", type(exc).__name__, where, (str(exc).splitlines() or [""])[0])
+
+
 def _thread_failed(args: threading.ExceptHookArgs) -> None:
-  """A library thread's uncaught exception, in one line (the command says what it means)."""
-  logging.warning("%s in thread %s: %s", args.exc_type.__name__,
-                  args.thread.name if args.thread else "?", str(args.exc_value).splitlines()[:1])
+  """A Python thread's uncaught exception."""
+  _one_line(args.exc_value, f"thread {args.thread.name if args.thread else '?'}")
+
+
+def _unraisable(args) -> None:
+  """An exception that nothing could catch (in a finalizer, or a native library's callback)."""
+  _one_line(args.exc_value, "a callback")
+
+
+def _uncaught(exc_type, exc_value, exc_tb) -> None:
+  """The main thread's uncaught exception with its traceback, as Python prints it; one printed
+  by a native library's thread, in one line."""
+  if threading.current_thread() is threading.main_thread():
+    sys.__excepthook__(exc_type, exc_value, exc_tb)
+  else:
+    _one_line(exc_value, f"thread {threading.current_thread().name}")
+
+
+def quiet_library_tracebacks() -> None:
+  """Libraries' exceptions in their own threads and callbacks, each in one warning line."""
+  threading.excepthook, sys.unraisablehook, sys.excepthook = _thread_failed, _unraisable, _uncaught
 
 
 def _without_absent_accelerators() -> None:
@@ -81,7 +105,7 @@ def start() -> None:
   """Quiets libraries' INFO logs and tracebacks, keeps JAX off accelerators that are not there,
   and starts the multi-host runtime if asked: `run` calls it before a command's main."""
   logging.get_absl_handler().addFilter(_OwnLogs())
-  threading.excepthook = _thread_failed
+  quiet_library_tracebacks()
   _without_absent_accelerators()
   if _DISTRIBUTED.value:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,

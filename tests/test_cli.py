@@ -86,3 +86,43 @@ def test_every_command_imports_beside_the_others():
   code = "; ".join(f"import distil_jax.{name}" for name in commands)
   subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
                  env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+_FAILURES = """
+import sys, threading
+from distil_jax import cli
+cli.quiet_library_tracebacks()
+
+class Finalized:
+  def __del__(self):
+    raise RuntimeError("Event loop is closed\\nsecond line")
+
+Finalized()  # Unraisable, as from a native library's callback.
+
+def native_print():  # What a native thread's PyErr_Print does: sys.excepthook, off the main thread.
+  try:
+    raise RuntimeError("from a native thread")
+  except RuntimeError:
+    sys.excepthook(*sys.exc_info())
+
+for target in (native_print, lambda: 1 / 0):
+  thread = threading.Thread(target=target, name="worker")
+  thread.start()
+  thread.join()
+raise ValueError("a bug of ours")
+"""
+
+
+def test_libraries_exceptions_print_one_line_and_ours_their_traceback():
+  """A traceback from asyncio's `call_soon_threadsafe`, printed by a library while an async
+  checkpoint save failed, once broke a command's one-line FATAL ending."""
+  result = subprocess.run([sys.executable, "-c", _FAILURES], capture_output=True, text=True,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"}, check=False)
+  lines = result.stderr.splitlines()
+  assert result.returncode == 1
+  assert any(line.endswith("RuntimeError in a callback: Event loop is closed") for line in lines)
+  assert any(line.endswith("RuntimeError in thread worker: from a native thread")
+             for line in lines)
+  assert any(line.endswith("ZeroDivisionError in thread worker: division by zero")
+             for line in lines)
+  assert result.stderr.count("Traceback") == 1 and lines[-1] == "ValueError: a bug of ours"
