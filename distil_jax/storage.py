@@ -18,15 +18,17 @@ def absolute(path: epath.PathLike) -> epath.Path:
   return epath.Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
 
 
-def write_atomic(path: epath.PathLike, text: str) -> None:
-  """Replaces the file's content all at once: a reader or a crash never sees half of it.
+def write_atomic(path: epath.PathLike, data: str | bytes) -> None:
+  """Replaces the file's content all at once: a reader, a crash or another process writing the
+  same file at the same time never sees half of it.
 
-  Locally through a temporary file and a rename; a GCS object is replaced only when its upload
-  completes."""
+  Locally through a temporary file of this writer's own and a rename; a GCS object is replaced
+  only when its upload completes."""
   path = epath.Path(path)
+  write = epath.Path.write_text if isinstance(data, str) else epath.Path.write_bytes
   if is_remote(path):
-    path.write_text(text)
+    write(path, data)
     return
   temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-  temporary.write_text(text)
+  write(temporary, data)
   os.replace(temporary, path)

@@ -2,12 +2,13 @@
 documents by hand; resumed unit by unit; nothing redone when prepared; errors in one line."""
 
 import json
+import os
 import pathlib
 
 import numpy as np
 import pytest
 
-from distil_jax import resources
+from distil_jax import resources, storage
 from distil_jax.data import default_data_config, load_tokenizer, prepare, prepared, sources
 
 MAX_LEN = 64
@@ -92,6 +93,26 @@ def test_preparation_resumes_unit_by_unit_and_a_prepared_corpus_is_read_as_it_is
   assert not redone  # Prepared: nothing is read or written.
   other = prepare.prepare(_config(corpus[0], tmp_path, max_len=32), tokenizer, processes=1)
   assert other.directory != first.directory and other.max_len == 32
+
+
+def test_processes_that_share_a_disk_prepare_one_directory_at_once(corpus, tokenizer, tmp_path,
+                                                                   monkeypatch):
+  """On local disks every process prepares every unit, so two processes on one machine (or on a
+  shared file system) write the same files at once: here the other one writes the corpus's
+  counts between our temporary file and its rename."""
+  replace = os.replace
+
+  def the_other_process_first(source, target):
+    if pathlib.Path(target).name == "counts.npy":
+      monkeypatch.setattr(storage.os, "replace", replace)
+      prepare.prepare(_config(corpus[0], tmp_path / "shared"), tokenizer, processes=1)
+    replace(source, target)
+
+  monkeypatch.setattr(storage.os, "replace", the_other_process_first)
+  ours = prepare.prepare(_config(corpus[0], tmp_path / "shared"), tokenizer, processes=1)
+  alone = prepare.prepare(_config(corpus[0], tmp_path / "alone"), tokenizer, processes=1)
+  assert os.replace is replace  # The other process ran.
+  assert _files(ours.directory) == _files(alone.directory)  # And left no temporary file.
 
 
 def test_bad_corpora_are_refused_in_one_line(corpus, tokenizer, tmp_path):

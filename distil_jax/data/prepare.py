@@ -8,7 +8,8 @@ are the first `eval_examples` of the sources (split evenly between them), read f
 process; then the units of every source (`sources.plan`) are tokenized in `processes` processes,
 each writing its own files, so that an interrupted preparation resumes unit by unit. On several
 hosts sharing a bucket, host i prepares units i, i + H, ... and all wait for all; on local disks
-each host prepares every unit. The rows do not depend on the number of processes or hosts.
+each host prepares every unit (processes that share a disk write the same files, each through a
+temporary file of its own). The rows do not depend on the number of processes or hosts.
 """
 
 import concurrent.futures
@@ -158,9 +159,9 @@ def _write_index(where: epath.Path, jobs: list[prepared.Job], tokenizer: tokeniz
   units = [{"name": j.name, **prepared.done(where, j.name)} for j in jobs]
   counts = sum((np.load((where / f"{j.name}.counts.npy").open("rb")) for j in jobs),
                np.zeros(tokenizer.get_vocab_size(), np.int64))
-  prepared.write_file(where / "counts.npy", prepared.npy(counts))
+  storage.write_atomic(where / "counts.npy", prepared.npy(counts))
   index = {"max_len": config.max_len, "min_len": config.min_len, "pack": config.pack,
            "dtype": np.dtype(prepared.dtype(tokenizer.get_vocab_size())).name,
            "sources": list(config.sources), "units": units,
            "eval": prepared.done(where, "eval")}
-  prepared.write_file(where / prepared.INDEX, json.dumps(index, indent=1).encode())
+  storage.write_atomic(where / prepared.INDEX, json.dumps(index, indent=1))

@@ -17,7 +17,6 @@ byte ranges fetched concurrently from a bucket, so a run starts without reading 
 import dataclasses
 import io
 import json
-import os
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -71,10 +70,10 @@ def write_rows(texts: Iterable[str], tokenizer: tokenizers.Tokenizer, directory:
   """Writes the rows of `texts` (documents) as `name`.* in `directory`; returns their facts."""
   rows, facts, counts = rows_of(texts, tokenizer, max_len=max_len, min_len=min_len, pack=pack)
   lengths = np.sum(rows != tokenizer.token_to_id("[PAD]"), axis=1).astype(np.int32)
-  write_file(directory / f"{name}.rows", rows.astype(dtype(len(counts))).tobytes())
-  write_file(directory / f"{name}.lengths.npy", npy(lengths))
-  write_file(directory / f"{name}.counts.npy", npy(counts))
-  write_file(directory / f"{name}.json", json.dumps(facts).encode())  # Last: the unit is done.
+  storage.write_atomic(directory / f"{name}.rows", rows.astype(dtype(len(counts))).tobytes())
+  storage.write_atomic(directory / f"{name}.lengths.npy", npy(lengths))
+  storage.write_atomic(directory / f"{name}.counts.npy", npy(counts))
+  storage.write_atomic(directory / f"{name}.json", json.dumps(facts))  # Last: the unit is done.
   return facts
 
 
@@ -118,17 +117,6 @@ def npy(array: np.ndarray) -> bytes:
   buffer = io.BytesIO()
   np.save(buffer, array)
   return buffer.getvalue()
-
-
-def write_file(path: epath.Path, data: bytes) -> None:
-  """Writes `data` whole: through a temporary file and a rename locally; a bucket's object
-  appears only once its upload completes."""
-  if storage.is_remote(path):
-    path.write_bytes(data)
-  else:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_bytes(data)
-    os.replace(temporary, path)
 
 
 def done(directory: epath.Path, name: str) -> dict[str, int] | None:
