@@ -239,10 +239,10 @@ class Checkpointer:
     """Moves step `step` out of the checkpoints (nothing is deleted) into
     WORKDIR/set_aside/<step>-<reason>, so that the step can be saved again; returns where."""
     target = self.directory.parent / "set_aside" / f"{step}-{reason}"
-    if hosts.is_main():
-      target.parent.mkdir(parents=True, exist_ok=True)
-      (self.directory / str(step)).rename(target)
-    hosts.barrier(f"set_aside_{step}")
+    with hosts.together(f"setting checkpoint {step} aside"):
+      if hosts.is_main():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (self.directory / str(step)).rename(target)
     self._manager.reload()
     return target
 

@@ -30,6 +30,11 @@ class StorageError(UserError, OSError):
   end at once: orbax's background threads would otherwise wait out their timeouts."""
 
 
+class PeerFailed(UserError):
+  """Another process of a multi-host run failed in a step that all take together; its own log
+  holds the reason."""
+
+
 class Preempted(Exception):
   """A preemption (SIGTERM) stopped training after it saved; the commands exit 0 with the message,
   and running the same command again resumes."""

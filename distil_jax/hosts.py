@@ -2,15 +2,20 @@
 
 On one process every function is trivial. On a pod slice (after `jax.distributed.initialize()`),
 process 0 decides (reads the workdir, picks the resume step, ...) and `share` gives its answer to
-all; `barrier` waits for every process; `all_true` combines a local success flag.
+all; `together` runs work that all must finish before any goes on, and stops all if one fails;
+`all_true` combines a local success flag.
 """
 
+import contextlib
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
+
+from distil_jax import errors
 
 
 def is_main() -> bool:
@@ -47,10 +52,26 @@ def decide(decision) -> Any:
   return outcome["value"]
 
 
-def barrier(name: str) -> None:
-  """Waits until every process reaches the barrier called `name`."""
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(name)
+@contextlib.contextmanager
+def together(what: str) -> Iterator[None]:
+  """Runs the block on every process, then waits for all. An exception on one process is raised
+  there and ends the others too (as `PeerFailed`, naming it), where a barrier would wait for ever
+  on a process that stopped."""
+  try:
+    yield
+  except Exception:
+    _finished(False, what)
+    raise
+  _finished(True, what)
+
+
+def _finished(ok: bool, what: str) -> None:
+  if jax.process_count() == 1:
+    return
+  failed = ~multihost_utils.process_allgather(np.bool_(ok))
+  if ok and failed.any():
+    raise errors.PeerFailed(f"process {int(np.argmax(failed))} failed {what}: its log says why; "
+                            "fix that and run the same command again")
 
 
 def all_true(flag: bool) -> bool:

@@ -370,12 +370,12 @@ def _train(configs, workdirs, names, allow_config_change, resume_step) -> list[d
     if config.export and result.finished:
       trained = stacked.take(result.state, i) if num_runs > 1 else result.state
       trained = multihost_utils.process_allgather(trained["params"]["student"], tiled=True)
-      if hosts.is_main():
-        out = hf.export_hf(model_config, trained, w / "export", tokenizer_dir, source=str(w))
-        logging.info("Exported to %s.", out)
-        if config.fill_mask:
-          fill_mask(out, config.fill_mask)
-  hosts.barrier("exported")  # The others may read the export next (an adapted teacher).
+      with hosts.together(f"exporting {w / 'export'}"):  # The others may read it next.
+        if hosts.is_main():
+          out = hf.export_hf(model_config, trained, w / "export", tokenizer_dir, source=str(w))
+          logging.info("Exported to %s.", out)
+          if config.fill_mask:
+            fill_mask(out, config.fill_mask)
   return result.eval_metrics
 
 

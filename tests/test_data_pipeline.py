@@ -1,6 +1,6 @@
 """End to end on a written corpus: batches, epochs, restarts, eval, buckets, two processes.
 
-Run as a script, this file is one process of the two-process test.
+Run as a script, this file is one process of the two-process tests.
 """
 
 import collections
@@ -16,7 +16,13 @@ import numpy as np
 import pytest
 
 from distil_jax import resources
-from distil_jax.data import default_data_config, global_batch, load_tokenizer, make_datasets
+from distil_jax.data import (
+  default_data_config,
+  global_batch,
+  load_tokenizer,
+  make_datasets,
+  prepare,
+)
 
 CLS, SEP, PAD = 101, 102, 0
 VOCAB = 30522
@@ -178,24 +184,11 @@ def test_two_processes_read_their_rows_of_the_one_process_batches(corpus, tmp_pa
                                                                   shared):
   """The batches do not depend on the number of processes: each reads its rows of them. On a
   bucket (shared), the two prepare half of the units each, and read all of them."""
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    port = s.getsockname()[1]
-  repository = pathlib.Path(__file__).resolve().parents[1]
-  environment = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(repository)}
-  data_dir = str(tmp_path)
+  environment, data_dir = {}, str(tmp_path)
   if shared:
     gcs = request.getfixturevalue("gcs")
-    environment.update(gcs.env)
-    data_dir = f"{gcs.bucket}/two_processes"
-  workers = [subprocess.Popen([sys.executable, __file__, str(corpus), data_dir, str(port),
-                               str(i), str(tmp_path)], env=environment) for i in range(2)]
-  try:
-    exit_codes = [worker.wait(timeout=120) for worker in workers]
-  finally:
-    for worker in workers:
-      worker.kill()
-  assert exit_codes == [0, 0]
+    environment, data_dir = gcs.env, f"{gcs.bucket}/two_processes"
+  assert _two_processes(corpus, data_dir, tmp_path, environment) == [0, 0]
   parts = [np.load(tmp_path / f"process_{i}.npz") for i in range(2)]
   one = make_datasets(_config(corpus, tmp_path), resources.minilm_dir(), VOCAB)
   expected = _first_batches(one)
@@ -205,17 +198,52 @@ def test_two_processes_read_their_rows_of_the_one_process_batches(corpus, tmp_pa
   assert all(int(p["global_rows"]) == BATCH for p in parts)
 
 
+@pytest.mark.slow
+def test_a_process_that_fails_to_prepare_the_data_ends_the_other(corpus, tmp_path):
+  """Process 1 cannot write its units; process 0, done with its own, stops too instead of
+  waiting for it."""
+  exit_codes = _two_processes(corpus, str(tmp_path), tmp_path, {}, failing="1")
+  logs = [(tmp_path / f"process_{i}.log").read_text() for i in range(2)]
+  assert 0 not in exit_codes
+  assert "OSError: [Errno 28] No space left on device" in logs[1]
+  assert "PeerFailed: process 1 failed preparing the data: its log says why" in logs[0]
+
+
+def _two_processes(corpus, data_dir: str, out: pathlib.Path, environment: dict[str, str],
+                   failing: str = "") -> list[int]:
+  """The exit codes of two processes of `_worker`; their output goes to out/process_N.log."""
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  repository = pathlib.Path(__file__).resolve().parents[1]
+  environment = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(repository),
+                 **environment}
+  logs = [(out / f"process_{i}.log").open("w") for i in range(2)]
+  workers = [subprocess.Popen([sys.executable, __file__, str(corpus), data_dir, str(port), str(i),
+                               str(out), failing], env=environment, stdout=log,
+                              stderr=subprocess.STDOUT) for i, log in enumerate(logs)]
+  try:
+    return [worker.wait(timeout=120) for worker in workers]
+  finally:
+    for worker, log in zip(workers, logs, strict=True):
+      worker.kill()
+      log.close()
+
+
 def _first_batches(datasets, steps: int = 5) -> dict[str, np.ndarray]:
   """The first train batches and all eval batches, stacked: [batches, rows, length] per name."""
   batches = [next(datasets.train) for _ in range(steps)] + list(datasets.eval)
   return {f"{name}": np.stack([b[name] for b in batches]) for name in batches[0]}
 
 
-def _worker(corpus: str, data_dir: str, port: str, process_id: str, out: str) -> None:
+def _worker(corpus: str, data_dir: str, port: str, process_id: str, out: str,
+            failing: str) -> None:
   """One of two processes: writes its rows of the first batches, and the global batch size, to
-  `out`."""
+  `out`. Process `failing` finds its disk full when it prepares its units."""
   jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2,
                              process_id=int(process_id))
+  if process_id == failing:
+    prepare._run = _disk_full
   datasets = make_datasets(_config(pathlib.Path(corpus), data_dir), resources.minilm_dir(), VOCAB)
   rows = _first_batches(datasets)
   mesh = jax.sharding.Mesh(jax.devices(), ("data",))
@@ -225,6 +253,10 @@ def _worker(corpus: str, data_dir: str, port: str, process_id: str, out: str) ->
   np.testing.assert_array_equal(local.data, batch["input_ids"])
   np.savez(pathlib.Path(out) / f"process_{process_id}.npz",
            global_rows=arrays["input_ids"].shape[0], **rows)
+
+
+def _disk_full(*_):
+  raise OSError(28, "No space left on device")
 
 
 if __name__ == "__main__":

@@ -53,20 +53,21 @@ def prepare(config: ml_collections.ConfigDict, tokenizer: tokenizers.Tokenizer,
   if hosts.decide(exists) if shared else exists():
     return prepared.Prepared(where)
   started = time.perf_counter()
-  held_out, skips = _held_out(plans, config.eval_examples)
-  units = [u for p in plans for u in p.units]
-  jobs = [prepared.Job(u, skips.get(i, 0), f"unit-{i:05d}", str(where), tokenizer.to_str(),
-                       config.max_len, config.min_len, config.pack) for i, u in enumerate(units)]
-  mine = jobs[jax.process_index()::jax.process_count()] if shared else jobs
-  where.mkdir(parents=True, exist_ok=True)
-  _run([j for j in mine if not prepared.done(where, j.name)], processes or os.cpu_count() or 1)
-  if hosts.is_main() or not shared:
-    prepared.write_rows(held_out, tokenizer, where, "eval", max_len=config.max_len,
-                        min_len=config.min_len, pack=config.pack)
-  hosts.barrier("prepared units")
-  if hosts.is_main() or not shared:
-    _write_index(where, jobs, tokenizer, config)
-  hosts.barrier("prepared index")
+  with hosts.together("preparing the data"):
+    held_out, skips = _held_out(plans, config.eval_examples)
+    units = [u for p in plans for u in p.units]
+    jobs = [prepared.Job(u, skips.get(i, 0), f"unit-{i:05d}", str(where), tokenizer.to_str(),
+                         config.max_len, config.min_len, config.pack)
+            for i, u in enumerate(units)]
+    mine = jobs[jax.process_index()::jax.process_count()] if shared else jobs
+    where.mkdir(parents=True, exist_ok=True)
+    _run([j for j in mine if not prepared.done(where, j.name)], processes or os.cpu_count() or 1)
+    if hosts.is_main() or not shared:
+      prepared.write_rows(held_out, tokenizer, where, "eval", max_len=config.max_len,
+                          min_len=config.min_len, pack=config.pack)
+  with hosts.together("writing the prepared data's index"):
+    if hosts.is_main() or not shared:
+      _write_index(where, jobs, tokenizer, config)
   result = prepared.Prepared(where)
   logging.info("Prepared %d documents (%s tokens) into %d rows of %d in %s, in %.0f s.",
                sum(u["documents"] for u in result.index["units"]), f"{result.tokens:,}",
