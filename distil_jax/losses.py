@@ -15,7 +15,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 from jax.sharding import Mesh
 from jax.typing import ArrayLike
 
@@ -159,7 +158,7 @@ def classification_loss(logits: jax.Array, labels: jax.Array, weight: jax.Array)
   if logits.shape[-1] == 1:
     per_row = jnp.square(logits[..., 0] - labels.astype(jnp.float32))
   else:
-    per_row = optax.softmax_cross_entropy_with_integer_labels(logits, labels.astype(jnp.int32))
+    per_row = _nll_terms(logits, labels.astype(jnp.int32))
   return _masked_mean(per_row, weight)
 
 
