@@ -10,7 +10,7 @@ forward computed once for all of them. With no teacher it trains the student on 
 import dataclasses
 import functools
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 import jax
@@ -364,10 +364,12 @@ def _param_shardings(config: StepConfig, mesh: Mesh, projection: PyTree | None) 
 
 
 def lower(config: StepConfig, tx: optax.GradientTransformation, mesh: Mesh, batch_size: int,
-          seq_len: int, projection: bool = False) -> dict[str, jax.stages.Lowered]:
-  """The train step, the eval step and the optimizer update alone (`optim.apply_update`, what
-  runs outside the micro-batch loop), lowered for `mesh` on the shapes of a global batch of
-  `batch_size` rows of `seq_len`: nothing is allocated, `.compile()` gives the real programs."""
+          seq_len: int, projection: bool = False,
+          programs: Sequence[str] = ("train", "eval", "update")) -> dict[str, jax.stages.Lowered]:
+  """`programs` of the train step ("train"), the eval step ("eval") and the optimizer update
+  alone ("update": `optim.apply_update`, what runs outside the micro-batch loop), lowered for
+  `mesh` on the shapes of a global batch of `batch_size` rows of `seq_len`: nothing is allocated,
+  `.compile()` gives the real programs."""
   student = nn.meta.unbox(models.abstract_params(config.student))
   params = {"student": student}
   if projection:
@@ -397,9 +399,12 @@ def lower(config: StepConfig, tx: optax.GradientTransformation, mesh: Mesh, batc
   train, evaluate = jit_steps(config, tx, mesh, state_shardings, teacher_shardings)
   update = functools.partial(optim.apply_update, tx=tx, frozen=config.frozen)
   update = jax.jit(_per_run(config, update, 4, 4), donate_argnums=0)
-  return {"train": train.lower(state, teacher, batch, hyper, proceed),
-          "eval": evaluate.lower(state["params"], teacher, batch),
-          "update": update.lower(state, state["params"], hyper.lr_scale, scalar(jnp.float32))}
+  lowerings = {
+      "train": lambda: train.lower(state, teacher, batch, hyper, proceed),
+      "eval": lambda: evaluate.lower(state["params"], teacher, batch),
+      "update": lambda: update.lower(state, state["params"], hyper.lr_scale,
+                                     scalar(jnp.float32))}
+  return {name: lowerings[name]() for name in programs}
 
 
 def prepare(config: StepConfig, params: PyTree, teacher_params: PyTree | None,

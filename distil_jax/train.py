@@ -171,14 +171,17 @@ def step_config(configs: Sequence[ml_collections.ConfigDict], model: models.Mode
 
 def lowered(configs: Sequence[ml_collections.ConfigDict], model: models.ModelConfig,
             teacher: models.ModelConfig | None, mesh: jax.sharding.Mesh,
-            steps: int, accum_steps: int | None = None) -> dict[str, jax.stages.Lowered]:
-  """The train step, eval step and update of `configs` lowered for `mesh`, on shapes alone
-  (`distill_step.lower`)."""
+            steps: int, accum_steps: int | None = None,
+            programs: Sequence[str] = ("train", "eval", "update")
+            ) -> dict[str, jax.stages.Lowered]:
+  """`programs` of the train step, eval step and update of `configs` lowered for `mesh`, on
+  shapes alone (`distill_step.lower`)."""
   config = configs[0]
   tx, _ = optimizer(config, steps)
   return distill_step.lower(step_config(configs, model, teacher, accum_steps), tx, mesh,
                             config.data.batch_size, config.data.max_len,
-                            projection=bool(config.distill.project_student_hidden and teacher))
+                            projection=bool(config.distill.project_student_hidden and teacher),
+                            programs=programs)
 
 
 def check_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
@@ -196,28 +199,32 @@ def check_fit(configs: Sequence[ml_collections.ConfigDict], model: models.ModelC
   """The train step of `configs` compiled for `mesh` (by `compile_fn`, `tpu.compile` for a
   slice or this machine's devices). A program whose buffers the devices cannot hold raises
   `tpu.DoesNotFit`: for a fused group at once (`sweep` splits it), for one run naming the
-  smallest accum_steps that fits, found by compiling with more micro-batches."""
+  smallest accum_steps that fits, found by compiling with twice, four times, ... as many
+  micro-batches while they divide the rows."""
   try:
-    return compile_fn(lowered(configs, model, teacher, mesh, steps)["train"])
+    return compile_fn(lowered(configs, model, teacher, mesh, steps, programs=("train",))["train"])
   except tpu.DoesNotFit as e:
     if len(configs) > 1:
       raise
     failure = e
   config = configs[0]
   rows = config.data.batch_size // (mesh.shape["data"] * mesh.shape["fsdp"])
-  accum = config.accum_steps * 2
-  while rows % accum == 0:
+  accum = config.accum_steps
+  while rows % (accum * 2) == 0:
+    accum *= 2
     try:
-      compile_fn(lowered(configs, model, teacher, mesh, steps, accum)["train"])
+      compile_fn(lowered(configs, model, teacher, mesh, steps, accum, ("train",))["train"])
     except tpu.DoesNotFit:
-      accum *= 2
       continue
     raise tpu.DoesNotFit(failure.slice_name, failure.compiler_message,
                          f"--config.accum_steps={accum} fits (micro-batches of {rows // accum} "
                          "rows per device)")
-  raise tpu.DoesNotFit(failure.slice_name, failure.compiler_message,
-                       "not even micro-batches of one row per device fit: use more devices, or "
-                       "a smaller model or max_len")
+  advice = ("not even micro-batches of one row per device fit: use more devices, or a smaller "
+            "model or max_len" if rows == accum else
+            f"micro-batches of {rows // accum} rows per device do not fit, and {rows // accum} "
+            "rows do not halve: make data.batch_size the devices times a power of two, or use "
+            "more devices, or a smaller model or max_len")
+  raise tpu.DoesNotFit(failure.slice_name, failure.compiler_message, advice)
 
 
 def loss_weights(config: ml_collections.ConfigDict) -> losses.LossWeights:

@@ -132,7 +132,8 @@ def test_both_models_attend_by_the_kernel_on_tpus_only(slice_name, on, runs):
                                    student_flash_attention=on, logit_kernel=on, num_runs=runs)
 
   def compiled_text(mesh):
-    lowered = distill_step.lower(config, optax.sgd(0.1), mesh, 16, LENGTH)["train"]
+    lowered = distill_step.lower(config, optax.sgd(0.1), mesh, 16, LENGTH,
+                                 programs=("train",))["train"]
     return (tpu.compile(lowered, slice_name) if mesh.devices.flat[0].platform == "tpu"
             else lowered.compile()).as_text()
 

@@ -45,23 +45,24 @@ def test_a_fused_group_scatters_no_more_than_one_run_on_a_slice(bert_dir, corpus
   model, teacher = train.model_configs(config, train.teacher_shape(config))
   mesh = sharding.make_mesh(config.mesh_shape, devices=tpu.devices("v4-32"))
   scatters = lambda n: tpu.compile(
-      train.lowered([config] * n, model, teacher, mesh, 10)["train"], "v4-32"
+      train.lowered([config] * n, model, teacher, mesh, 10, programs=("train",))["train"], "v4-32"
   ).as_text().count(" scatter(")
   assert scatters(2) == scatters(1) > 0
 
 
 def test_a_program_too_big_for_its_slice_ends_in_one_fatal_line(bert_dir, corpus):
-  """Logits of 2048 rows per chip (about 19 GiB): the compiler refuses them on a v5e chip's 16
-  GiB, and the command compiles with more micro-batches until one fits (here the first: 2)."""
+  """Logits of 512 rows of 128 per chip (about 19 GiB): the compiler refuses them on a v5e chip's
+  16 GiB, and the command compiles with more micro-batches until one fits (here the first: 2)."""
   process = runs.launch("compile", "--config=tests/configs/random_teacher.py",
                         f"--config.teacher={bert_dir}", f"--config.data.sources=('text:{corpus}',)",
-                        "--slice=v5e-8", "--config.data.batch_size=16384")
+                        "--slice=v5e-8", "--config.data.batch_size=4096",
+                        "--config.data.max_len=128")
   (output,) = runs.finish(process, returncode=1)
   assert "Traceback" not in output
   last = output.strip().splitlines()[-1]
   assert last.startswith("FATAL the program does not fit a v5e-8: it needs ")
   assert last.endswith("GiB of HBM per chip, more than the 15.75 GiB XLA can use; "
-                       "--config.accum_steps=2 fits (micro-batches of 1024 rows per device)")
+                       "--config.accum_steps=2 fits (micro-batches of 256 rows per device)")
 
 
 def test_the_launcher_checks_the_fit_before_it_creates_anything(bert_dir, corpus,
@@ -72,7 +73,10 @@ def test_the_launcher_checks_the_fit_before_it_creates_anything(bert_dir, corpus
   fits = launch("tpu_vm.py", *flags, gcloud_dir=gcloud_dir)
   assert fits.returncode == 0, fits.stderr
   assert fits.stdout.startswith("# fit check: ") and "| v5e-8 | 8 |" in fits.stdout
-  too_big = launch("tpu_vm.py", *flags, "--config.data.batch_size=16384", gcloud_dir=gcloud_dir)
+  # 2047 rows per chip: refused at once, as no number of micro-batches that halves them exists.
+  too_big = launch("tpu_vm.py", *flags, "--config.data.batch_size=16376", gcloud_dir=gcloud_dir)
   assert too_big.returncode != 0 and gcloud_calls(gcloud_dir) == []
   assert too_big.stderr.startswith("error: the program does not fit a v5e-8")
+  assert "; micro-batches of 2047 rows per device do not fit, and 2047 rows do not halve: " in (
+      too_big.stderr)
   assert too_big.stderr.strip().endswith("(no VM was created; --no-fit-check skips this check)")
