@@ -36,7 +36,8 @@ def compile_for_slice(config: ml_collections.ConfigDict, slice_name: str, runs: 
   train.check_batch(config, mesh)
   build = lambda program: tpu.compile(program, slice_name)
   compiled_train = train.check_fit(configs, model, teacher, mesh, config.total_steps, build)
-  programs = train.lowered(configs, model, teacher, mesh, config.total_steps)
+  programs = train.lowered(configs, model, teacher, mesh, config.total_steps,
+                           programs=("eval", "update"))  # The train step: compiled above.
   step = train.step_config(configs, model, teacher)
   chips = tpu.get_slice(slice_name).chips
   tokens = config.data.batch_size * config.data.max_len

@@ -33,7 +33,7 @@ def test_a_fused_group_shares_the_teacher_on_a_slice(bert_dir, corpus):
   """Two runs fused for a v5e-8 (vmapped there, `distill_step.runs_in_turn`): more FLOPs than one
   run, fewer than two, as the teacher's forward is shared."""
   config = runs.config(bert_dir, corpus, **{"data.batch_size": 32})
-  one, two = (compile_command.compile_for_slice(config, "v5e-8", n)["train"] for n in (1, 2))
+  one, two = (tpu.analyze(_train_step(config, "v5e-8", n), "v5e-8") for n in (1, 2))
   assert two.fits and one.flops < two.flops < 2 * one.flops
 
 
@@ -42,12 +42,16 @@ def test_a_fused_group_scatters_no_more_than_one_run_on_a_slice(bert_dir, corpus
   which XLA on TPU copied between layouts: 0.3 of the bytes of 4 bert_base runs fused on a v4-32.
   The fused step holds one run's scatters (the embeddings' gradients), no more."""
   config = runs.config(bert_dir, corpus, **{"data.batch_size": 32})
-  model, teacher = train.model_configs(config, train.teacher_shape(config))
-  mesh = sharding.make_mesh(config.mesh_shape, devices=tpu.devices("v4-32"))
-  scatters = lambda n: tpu.compile(
-      train.lowered([config] * n, model, teacher, mesh, 10, programs=("train",))["train"], "v4-32"
-  ).as_text().count(" scatter(")
+  scatters = lambda n: _train_step(config, "v4-32", n).as_text().count(" scatter(")
   assert scatters(2) == scatters(1) > 0
+
+
+def _train_step(config, slice_name: str, runs: int):
+  """The train step of `runs` fused runs of `config`, compiled for `slice_name`."""
+  model, teacher = train.model_configs(config, train.teacher_shape(config))
+  mesh = sharding.make_mesh(config.mesh_shape, devices=tpu.devices(slice_name))
+  lowered = train.lowered([config] * runs, model, teacher, mesh, 10, programs=("train",))
+  return tpu.compile(lowered["train"], slice_name)
 
 
 def test_a_program_too_big_for_its_slice_ends_in_one_fatal_line(bert_dir, corpus):
