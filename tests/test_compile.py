@@ -46,14 +46,6 @@ def test_a_fused_group_scatters_no_more_than_one_run_on_a_slice(bert_dir, corpus
   assert scatters(2) == scatters(1) > 0
 
 
-def _train_step(config, slice_name: str, runs: int):
-  """The train step of `runs` fused runs of `config`, compiled for `slice_name`."""
-  model, teacher = train.model_configs(config, train.teacher_shape(config))
-  mesh = sharding.make_mesh(config.mesh_shape, devices=tpu.devices(slice_name))
-  lowered = train.lowered([config] * runs, model, teacher, mesh, 10, programs=("train",))
-  return tpu.compile(lowered["train"], slice_name)
-
-
 def test_a_program_too_big_for_its_slice_ends_in_one_fatal_line(bert_dir, corpus):
   """Logits of 512 rows of 128 per chip (about 19 GiB): the compiler refuses them on a v5e chip's
   16 GiB, and the command compiles with more micro-batches until one fits (here the first: 2)."""
@@ -84,3 +76,11 @@ def test_the_launcher_checks_the_fit_before_it_creates_anything(bert_dir, corpus
   assert "; micro-batches of 2047 rows per device do not fit, and 2047 rows do not halve: " in (
       too_big.stderr)
   assert too_big.stderr.strip().endswith("(no VM was created; --no-fit-check skips this check)")
+
+
+def _train_step(config, slice_name: str, runs: int):
+  """The train step of `runs` fused runs of `config`, compiled for `slice_name`."""
+  model, teacher = train.model_configs(config, train.teacher_shape(config))
+  mesh = sharding.make_mesh(config.mesh_shape, devices=tpu.devices(slice_name))
+  lowered = train.lowered([config] * runs, model, teacher, mesh, 10, programs=("train",))
+  return tpu.compile(lowered["train"], slice_name)
