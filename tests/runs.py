@@ -4,6 +4,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 
@@ -11,6 +12,13 @@ import ml_collections
 
 ROOT = pathlib.Path(__file__).parent.parent
 CONFIG = "tests/configs/random_teacher.py"
+
+
+def free_port() -> int:
+  """A port of localhost that nothing listens on now: a coordinator's, for jax.distributed."""
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
 
 
 def corpus_file(directory: pathlib.Path, documents: int = 400) -> pathlib.Path:

@@ -5,7 +5,6 @@ import json
 import os
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -17,6 +16,7 @@ import optax
 import pytest
 
 from distil_jax import checkpoint
+from tests import runs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -308,16 +308,10 @@ _LOOP = """
 """
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("distributed", [False, True])
 def test_sigterm_saves_exits_cleanly_and_resumes(tmp_path, distributed):
-  port = _free_port() if distributed else 0
+  port = runs.free_port() if distributed else 0
   with _running(_LOOP, tmp_path, 10**9, port) as proc:
     assert proc.stdout.readline().split() == ["start", "0", "0", "0"]
     assert proc.stdout.readline().strip() == "ready"

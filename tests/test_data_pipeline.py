@@ -7,7 +7,6 @@ import collections
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 
@@ -23,6 +22,7 @@ from distil_jax.data import (
   make_datasets,
   prepare,
 )
+from tests import runs
 
 CLS, SEP, PAD = 101, 102, 0
 VOCAB = 30522
@@ -212,9 +212,7 @@ def test_a_process_that_fails_to_prepare_the_data_ends_the_other(corpus, tmp_pat
 def _two_processes(corpus, data_dir: str, out: pathlib.Path, environment: dict[str, str],
                    failing: str = "") -> list[int]:
   """The exit codes of two processes of `_worker`; their output goes to out/process_N.log."""
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    port = s.getsockname()[1]
+  port = runs.free_port()
   repository = pathlib.Path(__file__).resolve().parents[1]
   environment = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(repository),
                  **environment}

@@ -3,7 +3,6 @@ checkpoint, stop on a SIGTERM sent to one of them, resume and export exactly as 
 8 devices."""
 
 import signal
-import socket
 import time
 
 import numpy as np
@@ -22,9 +21,7 @@ def _start(workdir, bert_dir, corpus, devices: int, *flags):
 
 
 def _two_processes(workdir, bert_dir, corpus):
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    port = s.getsockname()[1]
+  port = runs.free_port()
   return [_start(workdir, bert_dir, corpus, 4, "--distributed",
                  f"--coordinator_address=localhost:{port}", "--num_processes=2",
                  f"--process_id={i}") for i in range(2)]
